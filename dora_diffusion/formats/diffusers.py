@@ -1,0 +1,415 @@
+"""The diffusers/PEFT adapter file (``pytorch_lora_weights.safetensors``), which ``pipe.load_lora_weights`` reads.
+
+Keys (torch layout, magnitude per OUTPUT row):
+
+    unet.<module>.lora.down.weight                                 [r, in]
+    unet.<module>.lora.up.weight                                   [out, r]
+    unet.<module>.lora_magnitude_vector                            [out]      (DoRA)
+    text_encoder[_2].text_model.<module>.lora_linear_layer.down.weight / .up.weight / .lora_magnitude_vector.weight
+
+Text-encoder keys always carry the ``text_model.`` level (the canonical spelling that files in the wild
+use), whatever the installed transformers calls its modules (transformers 5 dropped that level from
+``CLIPTextModel`` but not from ``CLIPTextModelWithProjection``).
+
+Alpha is not in the keys. It is written twice in the safetensors metadata: as diffusers'
+``lora_adapter_metadata`` (the ``LoraConfig`` kwargs per component, which diffusers' loader applies,
+so alpha != rank loads right there too) and in our own ``dora_diffusion`` entry (method, rank, alpha,
+axis, targets, base model and anything the caller adds).
+
+A magnitude-only adapter (paper §5.6) is written as DoRA with ``A = 0``, ``B = 0``, rank 1: then
+``W' = m ⊙ W0 / ‖W0‖_row`` exactly, so diffusers loads it too; our loader reads it back as magnitude-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..inject import AdapterError, ADAPTER_PARAMS, _set_submodule
+from ..layers import AdapterLinear, adapter_modules, set_adapter_scale
+from ..inject import remove_adapters
+from ..layers import ADAPTER_CLASSES, DoRALinear
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+METADATA_KEY = "dora_diffusion"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+FORMAT_VERSION = 1
+# Text-encoder magnitudes are spelled ``...lora_magnitude_vector.weight``. With transformers 5,
+# diffusers (0.42) hands text-encoder keys to transformers' own adapter loader, which expects the
+# parameter's full name (``lora_magnitude_vector.<adapter>.weight``) and silently DROPS keys spelled
+# ``...lora_magnitude_vector`` (the spelling PEFT and diffusers' own scripts write): the text encoders
+# then run with fresh magnitudes = ‖W0‖ and give wrong outputs. PEFT's loader accepts both spellings.
+TE_MAGNITUDE_SUFFIX = ".lora_magnitude_vector.weight"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class AdapterFileError(AdapterError):
+    """An adapter file that cannot be read or does not fit the model; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Names: ours (module names of the installed libraries) <-> the file's canonical ones
+# --------------------------------------------------------------------------------------------
+
+
+def _has_text_model_level(module: nn.Module) -> bool:
+    return hasattr(module, "text_model")
+
+
+def canonical_name(component: str, module: nn.Module, name: str) -> str:
+    """The file's spelling of a module name: text encoders always with ``text_model.``."""
+    if component in TEXT_ENCODERS and not _has_text_model_level(module):
+        return f"text_model.{name}"
+    return name
+
+
+def module_name(component: str, module: nn.Module, canonical: str) -> str:
+    """The installed library's spelling of a canonical (file) module name."""
+    if component in TEXT_ENCODERS:
+        has = _has_text_model_level(module)
+        if has and not canonical.startswith("text_model."):
+            return f"text_model.{canonical}"
+        if not has and canonical.startswith("text_model."):
+            return canonical.removeprefix("text_model.")
+    return canonical
+
+
+_LAYER_KEYS = {  # file suffix -> our parameter name; first match wins
+    ".lora.down.weight": "lora_A",
+    ".lora.up.weight": "lora_B",
+    ".lora_linear_layer.down.weight": "lora_A",
+    ".lora_linear_layer.up.weight": "lora_B",
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".lora_magnitude_vector": "magnitude",
+}
+
+
+def _file_suffixes(component: str) -> dict[str, str]:
+    if component == "unet":
+        return {"lora_A": ".lora.down.weight", "lora_B": ".lora.up.weight", "magnitude": ".lora_magnitude_vector"}
+    return {
+        "lora_A": ".lora_linear_layer.down.weight",
+        "lora_B": ".lora_linear_layer.up.weight",
+        "magnitude": TE_MAGNITUDE_SUFFIX,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Components of a pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def components_of(obj: Any) -> dict[str, nn.Module]:
+    """``{component name: module}`` of a pipeline, a dict of modules, or a bare UNet."""
+    if isinstance(obj, Mapping):
+        comps = {k: v for k, v in obj.items() if isinstance(v, nn.Module)}
+    elif isinstance(obj, nn.Module):
+        comps = {"unet": obj}
+    else:
+        comps = {c: getattr(obj, c) for c in COMPONENTS if isinstance(getattr(obj, c, None), nn.Module)}
+    unknown = set(comps) - set(COMPONENTS)
+    if unknown:
+        raise AdapterError(f"unknown component(s) {sorted(unknown)}; expected some of {list(COMPONENTS)}")
+    return comps
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+
+
+def _uniform(values: list, what: str, component: str):
+    if len(set(values)) != 1:
+        raise AdapterError(f"{component}: adapters with mixed {what} ({sorted(set(values))}) cannot be saved in one file")
+    return values[0]
+
+
+def diffusers_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The file's tensors and a per-component summary (method, rank, alpha, layer names)."""
+    tensors: dict[str, torch.Tensor] = {}
+    summary: dict[str, dict] = {}
+    for comp, module in components_of(obj).items():
+        mods = list(adapter_modules(module))
+        if not mods:
+            continue
+        for name, a in mods:
+            if a.merged:
+                raise AdapterError(f"{comp}.{name}: adapter is merged; unmerge it before saving")
+        method = _uniform([a.method for _, a in mods], "methods", comp)
+        suffix = _file_suffixes(comp)
+        layers = []
+        for name, a in mods:
+            canon = canonical_name(comp, module, name)
+            layers.append(canon)
+            if method == "magnitude":  # as DoRA with A = B = 0 (see module docstring)
+                w = a.base.weight
+                tensors[f"{comp}.{canon}{suffix['lora_A']}"] = torch.zeros(1, w.shape[1], dtype=a.magnitude.dtype)
+                tensors[f"{comp}.{canon}{suffix['lora_B']}"] = torch.zeros(w.shape[0], 1, dtype=a.magnitude.dtype)
+            for p in ADAPTER_PARAMS[method]:
+                tensors[f"{comp}.{canon}{suffix[p]}"] = getattr(a, p).detach().to("cpu").contiguous().clone()
+        rank = 1 if method == "magnitude" else _uniform([a.rank for _, a in mods], "ranks", comp)
+        alpha = 1.0 if method == "magnitude" else _uniform([a.alpha for _, a in mods], "alphas", comp)
+        extra = {"norm_grad": mods[0][1].norm_grad} if method == "dora" else {}
+        summary[comp] = {"method": method, "rank": rank, "alpha": alpha, "layers": layers, **extra}
+    if not tensors:
+        raise AdapterError("nothing to save: no adapters found")
+    return tensors, summary
+
+
+def _peft_targets(comp: str, layers: list[str]) -> list[str]:
+    # PEFT matches a target on the whole name or a dotted suffix; text-encoder names without the
+    # ``text_model.`` level match both transformers namings.
+    if comp in TEXT_ENCODERS:
+        return sorted(n.removeprefix("text_model.") for n in layers)
+    return sorted(layers)
+
+
+def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers", metadata: Mapping[str, Any] | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the adapters of ``obj`` (pipeline, ``{component: module}`` or a UNet) to ``path``.
+
+    ``path`` is a folder (``pytorch_lora_weights.safetensors`` is written in it) or a ``.safetensors`` file.
+    The write is atomic (a temporary file renamed into place); an existing file is kept unless
+    ``overwrite``. ``metadata`` (JSON-able) is stored with our entry, e.g. ``{"base_model": ...}``.
+    """
+    if format != "diffusers":
+        raise AdapterError(f"format: only 'diffusers' is written here, got {format!r}")
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    file = path if path.suffix == ".safetensors" else path / WEIGHT_NAME
+    if file.exists() and not overwrite:
+        raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
+    tensors, summary = diffusers_state_dict(obj)
+    ours = {"format_version": FORMAT_VERSION, "magnitude_axis": "out", "components": summary, **dict(metadata or {})}
+    diffusers_meta: dict[str, Any] = {}
+    for comp, s in summary.items():
+        cfg = {"r": s["rank"], "lora_alpha": s["alpha"], "use_dora": s["method"] != "lora",
+               "target_modules": _peft_targets(comp, s["layers"]), "init_lora_weights": True}
+        diffusers_meta.update({f"{comp}.{k}": v for k, v in cfg.items()})
+    header = {
+        "format": "pt",
+        METADATA_KEY: json.dumps(ours, sort_keys=True),
+        DIFFUSERS_METADATA_KEY: json.dumps(diffusers_meta, indent=2, sort_keys=True),
+    }
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=file.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return file
+
+
+# --------------------------------------------------------------------------------------------
+# Read
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_adapter_file(path: str | os.PathLike) -> Path:
+    """The ``.safetensors`` file behind ``path`` (a file, or a folder holding one); pickles refused."""
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / WEIGHT_NAME] + sorted(p.glob("*.safetensors"))
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            pickles = [c.name for c in p.iterdir() if c.suffix.lower() in PICKLE_SUFFIXES]
+            hint = f" (found {', '.join(pickles)}: pickle files are not loaded)" if pickles else ""
+            raise AdapterFileError(f"{p}: no .safetensors adapter file in this folder{hint}")
+        return found
+    if not p.exists():
+        raise AdapterFileError(f"{p}: no such file or folder")
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise AdapterFileError(
+            f"{p}: is a pickle file ({p.suffix}); only .safetensors files are loaded, because unpickling "
+            "can run arbitrary code. Convert it once in a trusted environment."
+        )
+    if p.suffix.lower() != ".safetensors":
+        raise AdapterFileError(f"{p}: not a .safetensors file")
+    return p
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    """Tensors and header metadata of a safetensors adapter file; malformed files are clear errors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = resolve_adapter_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises SafetensorError / OSError subclasses with terse messages
+        raise AdapterFileError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return tensors, meta, file
+
+
+@dataclass
+class LayerSpec:
+    component: str
+    name: str  # the installed library's module name
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LoadReport:
+    """What ``load_adapter`` loaded: printed by the CLI, returned to callers."""
+
+    file: str
+    method: dict[str, str]
+    rank: dict[str, int]
+    alpha: dict[str, float]
+    layers: dict[str, int]
+    keys_left_over: list[str]
+    metadata: dict[str, Any]
+
+    def __str__(self) -> str:
+        parts = [f"{c}: {self.method[c]} r={self.rank[c]} alpha={self.alpha[c]:g}, {self.layers[c]} layers" for c in self.layers]
+        extra = f"; {len(self.keys_left_over)} keys left over" if self.keys_left_over else ""
+        return f"{self.file}: " + "; ".join(parts) + extra
+
+
+def _parse_layers(tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module]) -> tuple[dict[tuple[str, str], LayerSpec], list[str]]:
+    layers: dict[tuple[str, str], LayerSpec] = {}
+    left: list[str] = []
+    for key, t in tensors.items():
+        comp, _, rest = key.partition(".")
+        if comp not in comps:
+            left.append(key)
+            continue
+        for suffix, param in _LAYER_KEYS.items():
+            if rest.endswith(suffix):
+                name = module_name(comp, comps[comp], rest[: -len(suffix)])
+                layers.setdefault((comp, name), LayerSpec(comp, name)).params[param] = t
+                break
+        else:
+            left.append(key)
+    return layers, left
+
+
+def _alpha_from_metadata(meta: Mapping[str, str], comp: str, ours: Mapping[str, Any]) -> float | None:
+    if comp in ours.get("components", {}):
+        return float(ours["components"][comp]["alpha"])
+    raw = meta.get(DIFFUSERS_METADATA_KEY)
+    if raw:
+        try:
+            d = json.loads(raw)
+        except json.JSONDecodeError:
+            return None
+        if f"{comp}.lora_alpha" in d:
+            return float(d[f"{comp}.lora_alpha"])
+    return None
+
+
+def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str) -> tuple[dict[tuple[str, str], AdapterLinear], LoadReport]:
+    """Build (but do not install) one adapter per layer of the file, checked against ``pipe``.
+
+    Every name and shape is checked before anything is changed; errors name the file.
+    """
+    comps = components_of(pipe)
+    try:
+        ours = json.loads(meta.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise AdapterFileError(f"{source}: metadata entry {METADATA_KEY!r} is not valid JSON") from None
+    if ours.get("magnitude_axis", "out") != "out":
+        raise AdapterFileError(f"{source}: magnitude axis {ours['magnitude_axis']!r} is not the output-row axis")
+    layers, left = _parse_layers(tensors, comps)
+    if not layers:
+        which = ", ".join(sorted({k.split(".")[0] for k in tensors})[:5])
+        raise AdapterFileError(f"{source}: no LoRA/DoRA keys for this pipeline's components {sorted(comps)} (file prefixes: {which})")
+    planned: dict[tuple[str, str], AdapterLinear] = {}
+    report = LoadReport(str(source), {}, {}, {}, {}, sorted(left), ours)
+    problems: list[str] = []
+    for (comp, name), spec in sorted(layers.items()):
+        module = comps[comp]
+        try:
+            target = module.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{comp}.{name}: no such module")
+            continue
+        if isinstance(target, AdapterLinear):
+            target = target.base
+        if not isinstance(target, nn.Linear):
+            problems.append(f"{comp}.{name}: is {type(target).__name__}, not Linear")
+            continue
+        p = spec.params
+        declared = ours.get("components", {}).get(comp, {}).get("method")
+        if declared == "magnitude" or ("magnitude" in p and "lora_A" not in p and "lora_B" not in p):
+            method = "magnitude"
+        elif "lora_A" in p and "lora_B" in p:
+            method = "dora" if "magnitude" in p else "lora"
+        else:
+            problems.append(f"{comp}.{name}: incomplete (has {sorted(p)})")
+            continue
+        out_f, in_f = target.weight.shape
+        expect = {"magnitude": (out_f,)}
+        if method != "magnitude":
+            r = p["lora_A"].shape[0]
+            expect.update({"lora_A": (r, in_f), "lora_B": (out_f, r)})
+        bad = [f"{k} {tuple(p[k].shape)} != {v}" for k, v in expect.items() if k in p and tuple(p[k].shape) != v and not (k == "magnitude" and p[k].numel() == out_f)]
+        if bad:
+            problems.append(f"{comp}.{name}: " + "; ".join(bad))
+            continue
+        rank = 0 if method == "magnitude" else p["lora_A"].shape[0]
+        alpha = _alpha_from_metadata(meta, comp, ours)
+        alpha = float(rank) if alpha is None or method == "magnitude" else alpha
+        kwargs: dict[str, Any] = {"rank": rank, "alpha": alpha, "dtype": p.get("lora_A", p.get("magnitude")).dtype}
+        if method == "dora":
+            kwargs["norm_grad"] = ours.get("components", {}).get(comp, {}).get("norm_grad", "detach")
+        adapter = ADAPTER_CLASSES[method](target, **kwargs)
+        with torch.no_grad():
+            for param in ADAPTER_PARAMS[method]:
+                getattr(adapter, param).copy_(p[param].reshape(getattr(adapter, param).shape))
+        planned[(comp, name)] = adapter
+        report.method.setdefault(comp, method)
+        if report.method[comp] != method:
+            report.method[comp] = "mixed"
+        report.rank[comp] = max(report.rank.get(comp, 0), rank)
+        report.alpha[comp] = alpha
+        report.layers[comp] = report.layers.get(comp, 0) + 1
+    if problems:
+        raise AdapterFileError(
+            f"{source}: does not fit this pipeline ({len(problems)} problem(s); is it for another model?): "
+            + "; ".join(problems[:5])
+        )
+    return planned, report
+
+
+def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0) -> LoadReport:
+    """Load an adapter file into ``pipe`` (replacing adapters it has), at run-time ``scale``.
+
+    Exact for every component (UNet and both text encoders, LoRA, DoRA, magnitude-only). The file
+    is read and checked completely before the pipeline is touched: on any error it is unchanged.
+    """
+    tensors, meta, file = read_adapter_file(path)
+    planned, report = plan_adapters(pipe, tensors, meta, str(file))
+    comps = components_of(pipe)
+    for module in comps.values():
+        remove_adapters(module)
+    for (comp, name), adapter in planned.items():
+        base = comps[comp].get_submodule(name)
+        adapter.to(device=base.weight.device)
+        _set_submodule(comps[comp], name, adapter)
+    for comp in report.layers:
+        set_adapter_scale(comps[comp], scale)
+    return report
+
+
+def unload_adapter(pipe: Any) -> None:
+    """Remove every adapter from ``pipe``, restoring the base weights."""
+    for module in components_of(pipe).values():
+        remove_adapters(module)

@@ -1,0 +1,273 @@
+"""Choosing target modules, wrapping them in adapters, adapter state dicts, merging.
+
+Target patterns are matched on WHOLE dotted module names, never on substrings: a pattern matches
+a module when it equals the name or a dotted suffix of it (``to_q`` matches
+``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``, never ``to_qkv`` or
+``add_k_proj``). ``*`` and ``?`` work within the pattern (``attn1.to_*``, ``down_blocks.*.to_q``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .layers import ADAPTER_CLASSES, AdapterLinear, DoRALinear, LoRALinear, MagnitudeLinear, adapter_modules
+
+METHODS = ("lora", "dora", "magnitude")
+
+# Presets per component family. UNet names are diffusers'; CLIP names are transformers'.
+UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_FF = ("ff.net.0.proj", "ff.net.2")
+CLIP_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
+CLIP_FF = ("mlp.fc1", "mlp.fc2")
+PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": UNET_ATTN + CLIP_ATTN,
+    "attn+ff": UNET_ATTN + UNET_FF + CLIP_ATTN + CLIP_FF,
+    "all-linear": ("*",),
+}
+# Never adapted by `all-linear`: the text encoders' output projection (the "head").
+ALL_LINEAR_EXCLUDE = ("text_projection",)
+
+
+class AdapterError(ValueError):
+    """A bad adapter configuration, target or state dict."""
+
+
+@dataclass
+class AdapterConfig:
+    """What to adapt and how. Written next to every output it produced (``to_dict``)."""
+
+    method: str = "dora"
+    """``lora``, ``dora`` (magnitude + LoRA direction) or ``magnitude`` (magnitude only, paper §5.6)."""
+    rank: int = 8
+    """LoRA rank ``r`` of the directional update (ignored by ``magnitude``)."""
+    alpha: float | None = None
+    """LoRA alpha; the update is scaled by ``alpha / rank``. ``None`` means ``alpha = rank`` (scale 1)."""
+    targets: str | Sequence[str] = "attn"
+    """A preset (``attn``, ``attn+ff``, ``all-linear``) or explicit whole-name patterns."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (the base path is never dropped)."""
+    norm_grad: str = "detach"
+    """DoRA only: ``detach`` treats the row norm as a constant (paper §4.3), ``exact`` keeps its gradient (Eq. 6)."""
+    adapter_dtype: str | None = "float32"
+    """dtype of the adapter parameters (``float32`` keeps them fp32 under a half-precision base); ``None``: the base's."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise AdapterError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method != "magnitude" and (not isinstance(self.rank, int) or self.rank <= 0):
+            raise AdapterError(f"rank: must be a positive integer, got {self.rank!r}")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        if self.alpha <= 0:
+            raise AdapterError(f"alpha: must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.norm_grad not in ("detach", "exact"):
+            raise AdapterError(f"norm_grad: must be 'detach' or 'exact', got {self.norm_grad!r}")
+        if isinstance(self.targets, str):
+            if self.targets not in PRESETS and not self.targets.strip():
+                raise AdapterError("targets: empty")
+        else:
+            self.targets = list(self.targets)
+            if not self.targets:
+                raise AdapterError("targets: empty list")
+        if self.adapter_dtype is not None and not isinstance(getattr(torch, self.adapter_dtype, None), torch.dtype):
+            raise AdapterError(f"adapter_dtype: not a torch dtype: {self.adapter_dtype!r}")
+
+    @property
+    def patterns(self) -> list[str]:
+        """The whole-name patterns ``targets`` stands for."""
+        if isinstance(self.targets, str):
+            if self.targets in PRESETS:
+                return list(PRESETS[self.targets])
+            return [t.strip() for t in self.targets.split(",") if t.strip()]
+        return list(self.targets)
+
+    @property
+    def torch_adapter_dtype(self) -> torch.dtype | None:
+        return None if self.adapter_dtype is None else getattr(torch, self.adapter_dtype)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return d
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whole-name match: ``pattern`` equals ``name`` or a dotted suffix of it (globs allowed)."""
+    if pattern == "*":
+        return True
+    parts = name.split(".")
+    depth = pattern.count(".") + 1
+    if depth > len(parts):
+        return False
+    return fnmatch.fnmatchcase(".".join(parts[-depth:]), pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+def find_targets(module: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``module`` that ``config`` adapts (sorted as in the model)."""
+    patterns = config.patterns
+    is_all = patterns == ["*"]
+    names = []
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.Linear) or isinstance(child, AdapterLinear) or name.endswith(".base"):
+            continue
+        if is_all and any(name_matches(name, p) for p in ALL_LINEAR_EXCLUDE):
+            continue
+        if any(name_matches(name, p) for p in patterns):
+            names.append(name)
+    return names
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, new)
+
+
+def make_adapter(base: nn.Linear, config: AdapterConfig, name: str = "") -> AdapterLinear:
+    """Wrap one ``nn.Linear`` as ``config`` says; errors name the module."""
+    cls = ADAPTER_CLASSES[config.method]
+    kwargs = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "dtype": config.torch_adapter_dtype}
+    if cls is DoRALinear:
+        kwargs["norm_grad"] = config.norm_grad
+    try:
+        return cls(base, **kwargs)
+    except ValueError as e:
+        raise AdapterError(f"{name or 'module'}: {e}") from None
+
+
+def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: bool = True) -> list[str]:
+    """Wrap the target ``nn.Linear`` layers of ``module`` in place; return their names.
+
+    Every explicit pattern must match at least one layer (a typo is an error, not a no-op). Presets
+    may match nothing in one component (``attn``'s CLIP names in a UNet) but must match something.
+    Base weights are frozen; only the adapter parameters require grad.
+    """
+    if any(True for _ in adapter_modules(module)):
+        raise AdapterError("this module already has adapters; remove or merge them first")
+    names = find_targets(module, config)
+    if require_match:
+        if not names:
+            raise AdapterError(
+                f"targets: {config.targets!r} matched no nn.Linear in {type(module).__name__} "
+                "(patterns match whole dotted names or their dotted suffixes, e.g. 'to_q' or 'attn1.to_out.0')"
+            )
+        if not isinstance(config.targets, str) or config.targets not in PRESETS:
+            all_linear = [n for n, c in module.named_modules() if isinstance(c, nn.Linear)]
+            for p in config.patterns:
+                if not any(name_matches(n, p) for n in all_linear):
+                    raise AdapterError(f"targets: pattern {p!r} matched no nn.Linear in {type(module).__name__}")
+    # Check every rank before changing anything: a failure leaves the module untouched.
+    adapters = {name: make_adapter(module.get_submodule(name), config, name) for name in names}
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for name, adapter in adapters.items():
+        _set_submodule(module, name, adapter)
+    for _, adapter in adapter_modules(module):
+        adapter.base.requires_grad_(False)
+    return names
+
+
+def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable adapter parameters (what the optimizer gets)."""
+    return [p for _, a in adapter_modules(module) for n, p in a.named_parameters() if not n.startswith("base.")]
+
+
+# State dict: {f"{module_name}.{param}": tensor}, param in lora_A [r, in], lora_B [out, r], magnitude [out].
+ADAPTER_PARAMS = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"), "magnitude": ("magnitude",)}
+
+
+def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter parameters of ``module``, keyed ``<module name>.<lora_A|lora_B|magnitude>`` (detached copies)."""
+    sd = {}
+    for name, adapter in adapter_modules(module):
+        for p in ADAPTER_PARAMS[adapter.method]:
+            sd[f"{name}.{p}"] = getattr(adapter, p).detach().clone()
+    return sd
+
+
+def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{name}.{p}": tuple(getattr(adapter, p).shape)
+        for name, adapter in adapter_modules(module)
+        for p in ADAPTER_PARAMS[adapter.method]
+    }
+
+
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> None:
+    """Raise ``AdapterError`` listing missing, unexpected and mis-shaped keys (nothing is changed)."""
+    expected = expected_shapes(module)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape (e.g. {'; '.join(wrong[:3])})")
+    if problems:
+        raise AdapterError(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
+
+
+@torch.no_grad()
+def load_adapter_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> None:
+    """Copy ``state_dict`` into ``module``'s adapters; strict on keys and shapes, checked before any write."""
+    check_state_dict(module, state_dict, source=source)
+    for name, adapter in adapter_modules(module):
+        if adapter.merged:
+            raise AdapterError(f"{name}: adapter is merged; unmerge before loading weights")
+        for p in ADAPTER_PARAMS[adapter.method]:
+            getattr(adapter, p).copy_(state_dict[f"{name}.{p}"])
+
+
+def merge_adapters(module: nn.Module) -> list[str]:
+    """Bake every adapter into its base weight and put the plain ``nn.Linear`` back (zero overhead).
+
+    Returns the names of the merged layers. Irreversible: save the adapter first if you need it.
+    """
+    names = []
+    for name, adapter in list(adapter_modules(module)):
+        adapter.merge()
+        _set_submodule(module, name, adapter.base)
+        names.append(name)
+    return names
+
+
+def remove_adapters(module: nn.Module) -> list[str]:
+    """Drop every adapter and put the original ``nn.Linear`` back (unmerging first)."""
+    names = []
+    for name, adapter in list(adapter_modules(module)):
+        adapter.unmerge()
+        _set_submodule(module, name, adapter.base)
+        names.append(name)
+    return names
+
+
+def adapter_summary(module: nn.Module) -> dict:
+    """Counts for logs: layers adapted, trainable adapter parameters, method."""
+    mods = list(adapter_modules(module))
+    return {
+        "layers": len(mods),
+        "trainable_parameters": sum(p.numel() for p in adapter_parameters(module)),
+        "methods": sorted({a.method for _, a in mods}),
+    }
+
+
+__all__ = [
+    "AdapterConfig", "AdapterError", "PRESETS", "add_adapters", "adapter_parameters", "adapter_state_dict",
+    "check_state_dict", "find_targets", "load_adapter_state_dict", "merge_adapters", "name_matches",
+    "remove_adapters", "adapter_summary", "LoRALinear", "DoRALinear", "MagnitudeLinear",
+]

@@ -1,0 +1,415 @@
+"""LoRA, DoRA and magnitude-only adapters around an existing ``nn.Linear``, and their pure math.
+
+Axis convention (the one bug most DoRA code has had): a torch ``nn.Linear`` weight ``W0`` is
+``[out, in]``. DoRA keeps ONE magnitude per OUTPUT row: ``m: [out]``, initialised to ``‖W0‖_row``
+(the L2 norm over ``in`` of each row). The paper writes ``W`` as ``[in, out]`` and calls this the
+column norm; it is the same axis. PEFT, torchtune and the authors' code use it too.
+
+DoRA (Liu et al. 2024, arXiv 2402.09353):
+
+    W' = m ⊙ (W0 + s·B·A) / n,   n = ‖W0 + s·B·A‖_row,   s = alpha / r · runtime scale
+
+The row norm is computed factored (``row_norm``) without ever building the ``[out, in]`` matrix:
+
+    n_i² = ‖W0_i‖² + 2s·⟨B_i, (W0·Aᵀ)_i⟩ + s²·B_i·(A·Aᵀ)·B_iᵀ
+
+By default ``n`` is treated as a constant in backprop (paper §4.3), so it is computed under
+``no_grad`` and cached, keyed on the parameters' version counters: once per optimizer step (also under
+gradient accumulation and checkpointing) and once at inference. ``norm_grad="exact"`` keeps the
+gradient through the norm (paper Eq. 6), still factored.
+
+Forward: ``y = g ⊙ (W0·x + s·B·(A·x)) + bias`` with ``g = m / n``: one base matmul, no second
+``F.linear`` with a dense merged weight. The magnitude's gradient is recovered from the saved OUTPUT
+(``∂y/∂m = (y - bias) / m``), which the next layer keeps alive anyway, so DoRA stores no activation
+that LoRA does not (see ``_ScaleRows``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-12  # clamp for n² before sqrt; n² of a real weight row is many orders above this
+
+
+# --------------------------------------------------------------------------------------------
+# Pure math, written once: the layers, the merge and the exporters all call these.
+# --------------------------------------------------------------------------------------------
+
+
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in an accumulation dtype: fp32 for half precision, fp64 stays fp64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def squared_row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """``‖W_i‖²`` per output row, accumulated in fp32 (or fp64). ``weight: [out, in]`` -> ``[out]``."""
+    w = acc(weight)
+    return (w * w).sum(dim=1)
+
+
+def row_norm(
+    w0: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    w0_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``‖W0 + scale·B·A‖_row`` by the factored formula, fp32, never forming ``[out, in]``.
+
+    ``w0: [out, in]``, ``lora_a: [r, in]``, ``lora_b: [out, r]``; returns ``[out]`` (fp32, or fp64 for fp64 inputs).
+    ``w0_sq`` is ``squared_row_norm(w0)`` when the caller has it cached.
+    Its rounding error is on ``n²``, relative to ``‖W0_i‖² + ‖sBA_i‖²``: only a row that nearly
+    cancels (``n ≪ ‖W0_i‖``, far from DoRA's regime, where ``n`` stays near ``‖W0_i‖``) loses digits.
+    """
+    a = acc(lora_a)
+    b = acc(lora_b)
+    if w0_sq is None:
+        w0_sq = squared_row_norm(w0)
+    w0_at = F.linear(w0.to(a.dtype), a)  # W0·Aᵀ  [out, r]
+    gram = a @ a.T  # A·Aᵀ  [r, r]
+    cross = (b * w0_at).sum(dim=1)  # ⟨B_i, (W0·Aᵀ)_i⟩  [out]
+    quad = ((b @ gram) * b).sum(dim=1)  # B_i·(A·Aᵀ)·B_iᵀ  [out]
+    n_sq = w0_sq + 2.0 * scale * cross + (scale * scale) * quad
+    return n_sq.clamp_min(EPS).sqrt()
+
+
+def dense_row_norm(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference: ``‖W0 + scale·B·A‖_row`` through the dense ``[out, in]`` matrix (tests, analysis)."""
+    w = acc(w0) + scale * (acc(lora_b) @ acc(lora_a))  # [out, in]
+    return torch.linalg.vector_norm(w, dim=1)
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale·B·A`` (fp32 or fp64), ``[out, in]``."""
+    return scale * (acc(lora_b) @ acc(lora_a))
+
+
+def merged_weight(
+    w0: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scale: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The adapted weight ``W'`` (fp32, or fp64 for fp64 inputs), ``[out, in]``.
+
+    LoRA: ``W0 + s·B·A``. DoRA: ``m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row``.
+    Magnitude-only (no ``A``/``B``): ``m ⊙ W0 / ‖W0‖_row``.
+    """
+    w = acc(w0)
+    if lora_a is not None and lora_b is not None:
+        w = w + lora_delta(lora_a, lora_b, scale)
+    if magnitude is not None:
+        n = torch.linalg.vector_norm(w, dim=1).clamp_min(math.sqrt(EPS))
+        w = w * (acc(magnitude) / n).unsqueeze(1)
+    return w
+
+
+class _ScaleRows(torch.autograd.Function):
+    """``y = z ⊙ g + bias`` with ``g = m / n`` per output feature, saving its OUTPUT instead of ``z``.
+
+    Autograd's own ``z * g`` would save ``z``: an extra ``[..., out]`` activation per layer. ``y`` is
+    what the next op saves anyway (attention, GELU, the next Linear), so keeping it costs nothing:
+    ``∂L/∂m_i = Σ_t dy_ti · z_ti / n_i = Σ_t dy_ti · (y_ti − b_i) / m_i``.
+    ``n`` is a constant here: the detached norm of paper §4.3.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None):
+        g = (acc(magnitude.detach()) / norm).to(z.dtype)  # [out]
+        y = torch.addcmul(bias.to(z.dtype), z, g) if bias is not None else z * g
+        ctx.save_for_backward(y, magnitude, g, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, magnitude, g, bias = ctx.saved_tensors
+        dz = dy * g if ctx.needs_input_grad[0] else None
+        dm = db = None
+        if ctx.needs_input_grad[1]:
+            yb = y if bias is None else y - bias.to(y.dtype)  # = z ⊙ g
+            m = acc(magnitude.detach())
+            # An exactly-zero m_i loses its gradient here (y − b is 0 there); m starts at ‖W0_i‖ > 0.
+            safe_m = torch.where(m == 0, torch.ones_like(m), m)
+            dm = ((dy * yb).reshape(-1, y.shape[-1]).sum(dim=0, dtype=m.dtype) / safe_m).to(magnitude.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(bias.dtype)
+        return dz, dm, None, db
+
+
+def _scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _ScaleRows.apply(z, magnitude, norm, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class AdapterLinear(nn.Module):
+    """Base of every adapter: keeps the frozen original ``nn.Linear`` inside as ``base``."""
+
+    method: str = "none"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"adapters wrap nn.Linear, got {type(base).__name__}")
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.scale = 1.0  # run-time multiplier (set_adapter_scale); 1.0 = as trained
+        self.enabled = True
+        self.merged = False
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some callers (diffusers attention processors) read .weight
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / r · scale``."""
+        return self.alpha / self.rank * self.scale if self.rank > 0 else self.scale
+
+    def adapted_weight(self) -> torch.Tensor:
+        """``W'`` in fp32 from the current parameters (the base weight must be unmerged)."""
+        raise NotImplementedError
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            if self.merged and not self.enabled:
+                raise RuntimeError("adapter is merged; use disable_adapters(model), which unmerges first")
+            return self.base(x)
+        return self.delta_forward(x)
+
+    # Lifecycle: idempotent merge / unmerge (litgpt-style).
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        self._saved_for_unmerge = self._unmerge_state()
+        self.base.weight.copy_(self.adapted_weight().to(self.base.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._original_weight().to(self.base.weight.dtype))
+        self.merged = False
+        self._saved_for_unmerge = None
+
+    def _unmerge_state(self):
+        return None
+
+    def _original_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, rank={self.rank}, alpha={self.alpha}, scale={self.scale}, merged={self.merged}"
+
+
+class LoRALinear(AdapterLinear):
+    """``y = base(x) + s·B(A(drop(x)))``; ``A: [r, in]`` Kaiming-uniform, ``B: [out, r]`` zeros."""
+
+    method = "lora"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(base, rank, rank if alpha is None else alpha, dropout)
+        max_rank = min(base.in_features, base.out_features)
+        if not 0 < rank <= max_rank:
+            raise ValueError(f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}")
+        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # [out, r]
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear / PEFT
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``s·B(A(drop(x)))`` in the adapter's dtype, cast back to ``x``'s."""
+        h = self.dropout(x).to(self.lora_A.dtype)
+        return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(x.dtype)
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_forward(x)
+
+    def adapted_weight(self) -> torch.Tensor:
+        return merged_weight(self.base.weight, self.lora_A, self.lora_B, self.scaling)
+
+    def _original_weight(self) -> torch.Tensor:
+        return acc(self.base.weight) - lora_delta(self.lora_A, self.lora_B, self.scaling)
+
+
+class DoRALinear(LoRALinear):
+    """``y = g ⊙ (W0·x + s·B(A(drop(x)))) + bias``, ``g = m / ‖W0 + s·B·A‖_row``, ``m: [out]``.
+
+    ``norm_grad``: ``"detach"`` (paper §4.3, default) or ``"exact"`` (paper Eq. 6).
+    """
+
+    method = "dora"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None, norm_grad: str = "detach") -> None:
+        super().__init__(base, rank, alpha, dropout, dtype)
+        if norm_grad not in ("detach", "exact"):
+            raise ValueError(f"norm_grad must be 'detach' or 'exact', got {norm_grad!r}")
+        self.norm_grad = norm_grad
+        # ‖W0‖² per row: fixed while W0 is; refreshed if W0 is changed in place or moved.
+        self.register_buffer("w0_sq", squared_row_norm(base.weight), persistent=False)  # [out], fp32
+        self._w0_key = self._tensor_key(base.weight)
+        self.magnitude = nn.Parameter(  # m: [out], one per OUTPUT row
+            self.w0_sq.sqrt().to(dtype or base.weight.dtype)
+        )
+        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+
+    @staticmethod
+    def _tensor_key(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), t._version, t.device, t.dtype)
+
+    def _w0_sq(self) -> torch.Tensor:
+        key = self._tensor_key(self.base.weight)
+        if key != self._w0_key or self.w0_sq.device != self.base.weight.device:
+            with torch.no_grad():
+                self.w0_sq = squared_row_norm(self.base.weight)
+            self._w0_key = key
+        return self.w0_sq
+
+    def weight_norm(self) -> torch.Tensor:
+        """``n = ‖W0 + s·B·A‖_row`` ([out], fp32). Detached mode: cached on the version counters."""
+        if torch.compiler.is_compiling():
+            # Data pointers and version counters are opaque to the compiler: no cache keys in a
+            # compiled graph. The factored norm is cheap ([out, in]·[in, r]); W0 is frozen there.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.norm_grad == "exact"):
+                return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.w0_sq)
+        if self.norm_grad == "exact":
+            return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self._w0_sq())
+        w0_sq = self._w0_sq()
+        key = (self._w0_key, self._tensor_key(self.lora_A), self._tensor_key(self.lora_B), self.scaling)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                n = row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq)
+            self._norm_cache = (key, n)
+        return self._norm_cache[1]
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.base.weight) + self.lora_forward(x)  # W0·x + s·B·A·x, one base matmul
+        n = self.weight_norm()
+        if self.norm_grad == "exact" or not torch.is_grad_enabled():
+            g = (acc(self.magnitude) / n).to(z.dtype)
+            y = z * g
+            return y + self.base.bias.to(y.dtype) if self.base.bias is not None else y
+        return _scale_rows(z, self.magnitude, n, self.base.bias)
+
+    def adapted_weight(self) -> torch.Tensor:
+        return merged_weight(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)
+
+    def _unmerge_state(self):
+        with torch.no_grad():
+            return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling)
+
+    def _original_weight(self) -> torch.Tensor:
+        # W' = (m/n) ⊙ (W0 + sBA)  =>  W0 = W' ⊙ n/m − sBA  (exact in fp32; half precision rounds)
+        n = self._saved_for_unmerge
+        w = acc(self.base.weight) * (n / acc(self.magnitude)).unsqueeze(1)
+        return w - lora_delta(self.lora_A, self.lora_B, self.scaling)
+
+
+class MagnitudeLinear(AdapterLinear):
+    """Magnitude-only (paper §5.6): ``W' = m ⊙ W0 / ‖W0‖_row``; trainable ``m: [out]`` only."""
+
+    method = "magnitude"
+
+    def __init__(self, base: nn.Linear, rank: int = 0, alpha: float | None = None, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(base, 0, 0.0, 0.0)
+        self.register_buffer("w0_norm", squared_row_norm(base.weight).sqrt(), persistent=False)  # [out]
+        self.magnitude = nn.Parameter(self.w0_norm.clone().to(dtype or base.weight.dtype))
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.base.weight)
+        n = self.w0_norm.clamp_min(math.sqrt(EPS))
+        if not torch.is_grad_enabled():
+            y = z * (acc(self.magnitude) / n).to(z.dtype)
+            return y + self.base.bias.to(y.dtype) if self.base.bias is not None else y
+        return _scale_rows(z, self.magnitude, n, self.base.bias)
+
+    def adapted_weight(self) -> torch.Tensor:
+        return merged_weight(self.base.weight, None, None, 0.0, self.magnitude)
+
+    def _original_weight(self) -> torch.Tensor:
+        return acc(self.base.weight) * (self.w0_norm / acc(self.magnitude)).unsqueeze(1)
+
+
+ADAPTER_CLASSES: dict[str, type[AdapterLinear]] = {
+    "lora": LoRALinear,
+    "dora": DoRALinear,
+    "magnitude": MagnitudeLinear,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Model-wide helpers
+# --------------------------------------------------------------------------------------------
+
+
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    """``(name, module)`` of every adapter in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+def set_adapter_scale(model: nn.Module, scale: float) -> None:
+    """Run-time strength of every adapter: ``s = alpha / r · scale`` (PEFT's ``set_scale``).
+
+    For DoRA the scale moves the direction only; the learned magnitude stays (as in PEFT and
+    diffusers' ``set_adapters``), so scale 0 is the magnitude-only model, not the base model. Use
+    ``disable_adapters`` for the base model.
+    """
+    for _, module in adapter_modules(model):
+        if module.merged:
+            raise RuntimeError("cannot rescale a merged adapter; unmerge it first")
+        module.scale = float(scale)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model`` computes with its base weights (merged adapters unmerged)."""
+    touched = []
+    for _, module in adapter_modules(model):
+        was_merged = module.merged
+        module.unmerge()
+        touched.append((module, module.enabled, was_merged))
+        module.enabled = False
+    try:
+        yield model
+    finally:
+        for module, enabled, was_merged in touched:
+            module.enabled = enabled
+            if was_merged:
+                module.merge()

@@ -1,0 +1,385 @@
+"""Loading SDXL pipelines offline, and the embedded tiny SDXL.
+
+Two jobs:
+
+- ``resolve_model`` / ``load_pipeline``: turn what the user typed (nothing, a local diffusers folder,
+  or a hub id) into a pipeline, offline only. A model that is not on disk fails with
+  ``ModelNotFoundError`` saying so; nothing is downloaded at run time.
+- ``build_tiny_sdxl`` / ``tiny_sdxl_components``: an SDXL-architecture pipeline small enough for CPU
+  tests and the demo, built from code with a fixed seed, so every build is byte-identical. Same
+  component classes and block layout as SDXL base 1.0 (``shared/sdxl/*.json``), only narrow, so module
+  names (and their SGM names such as ``input_blocks_4_1``) map exactly as they do on the real model.
+
+Module names to expect (transformers 5): ``CLIPTextModel`` (``text_encoder``) has no ``text_model.``
+level (``encoder.layers.0.self_attn.q_proj``), ``CLIPTextModelWithProjection`` (``text_encoder_2``)
+still has it (``text_model.encoder.layers.0.self_attn.q_proj``); files in the wild use ``text_model.``
+for both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+from dora_diffusion import _tiny_vocab
+
+__all__ = [
+    "ModelNotFoundError",
+    "build_tiny_sdxl",
+    "default_model_dir",
+    "ensure_tiny_model",
+    "load_pipeline",
+    "resolve_model",
+    "sdxl_scheduler_config",
+    "tiny_sdxl_components",
+]
+
+# Bump when the tiny model's architecture or weights change: cached copies are rebuilt.
+TINY_MODEL_VERSION = 1
+# Written next to model_index.json; marks a folder as ours (so it may be rebuilt in place).
+TINY_MARKER = "dora_diffusion_tiny.json"
+
+# The real file, when this runs from a checkout (repo/../shared); installed copies use the embedded one.
+_SHARED_SCHEDULER_CONFIG = Path(__file__).resolve().parents[2] / "shared/sdxl/scheduler_config.json"
+
+# Same values as shared/sdxl/scheduler_config.json (SDXL base 1.0); a test keeps the two equal.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+# --- tiny configs: SDXL's structure, narrow widths -------------------------------------------------
+
+_VOCAB, _ = _tiny_vocab.vocab_and_merges()
+
+TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {  # SDXL: hidden 768, 12 layers, 12 heads
+    "vocab_size": len(_VOCAB),
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 32,
+    "bos_token_id": _VOCAB[_tiny_vocab.BOS],
+    "eos_token_id": _VOCAB[_tiny_vocab.EOS],
+    "pad_token_id": _VOCAB[_tiny_vocab.EOS],
+}
+
+TINY_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {  # SDXL: hidden 1280, 32 layers, 20 heads, projection 1280
+    **TINY_TEXT_ENCODER_CONFIG,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "hidden_act": "gelu",
+    "projection_dim": 32,
+    "pad_token_id": _VOCAB["!"],
+}
+
+_ADDITION_TIME_EMBED_DIM = 8  # SDXL: 256
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,  # latent side: 16 * 8 = 128 px images by default (SDXL: 128 -> 1024 px)
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64, 64),  # SDXL: (320, 640, 1280)
+    "layers_per_block": 2,  # as SDXL, so SGM block indices line up
+    "transformer_layers_per_block": (1, 1, 2),  # SDXL: (1, 2, 10)
+    "attention_head_dim": (2, 4, 4),  # diffusers' name for the head COUNT: 16 wide (SDXL: (5, 10, 20), 64)
+    "norm_num_groups": 8,
+    # text_encoder's and text_encoder_2's hidden states side by side
+    "cross_attention_dim": (
+        TINY_TEXT_ENCODER_CONFIG["hidden_size"] + TINY_TEXT_ENCODER_2_CONFIG["hidden_size"]
+    ),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": _ADDITION_TIME_EMBED_DIM,
+    # pooled text_encoder_2 output + 6 micro-conditioning time ids, each embedded addition_time_embed_dim wide
+    "projection_class_embeddings_input_dim": (
+        TINY_TEXT_ENCODER_2_CONFIG["projection_dim"] + 6 * _ADDITION_TIME_EMBED_DIM
+    ),
+}
+
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,  # 4 blocks: 8x downsample, as SDXL
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (16, 32, 32, 32),  # SDXL: (128, 256, 512, 512)
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 128,
+    "scaling_factor": 0.13025,
+    "force_upcast": False,
+}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a usable local folder nor in the local Hugging Face cache."""
+
+
+# --- building the tiny model -----------------------------------------------------------------------
+
+
+def sdxl_scheduler_config(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """SDXL base 1.0's scheduler config: from ``path``, else ``shared/sdxl``, else the embedded copy."""
+    if path is not None:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    if _SHARED_SCHEDULER_CONFIG.is_file():
+        return json.loads(_SHARED_SCHEDULER_CONFIG.read_text(encoding="utf-8"))
+    return dict(SDXL_SCHEDULER_CONFIG)
+
+
+def _tiny_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """``tokenizer`` pads with ``<|endoftext|>``, ``tokenizer_2`` with ``"!"``, as SDXL's two do."""
+    with tempfile.TemporaryDirectory(prefix="dora-diffusion-vocab-") as folder:
+        files = _tiny_vocab.write_tokenizer_files(Path(folder))
+        # Positional file paths: the one constructor form transformers 4 and 5 both read.
+        vocab, merges = str(files / "vocab.json"), str(files / "merges.txt")
+        tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(vocab, merges, model_max_length=77, pad_token="!")
+    return tokenizer, tokenizer_2
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the block and restore the caller's state after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_sdxl_components(
+    seed: int = 0, scheduler_config: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """The seven SDXL components, tiny, in memory, in float32 on CPU (no disk, for fast tests).
+
+    Keys: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``,
+    ``scheduler`` (``StableDiffusionXLPipeline(**components)`` accepts them as they are). Weights
+    depend only on ``seed``; the caller's random state is left untouched.
+    """
+    tokenizer, tokenizer_2 = _tiny_tokenizers()
+    with _seeded(seed):  # fixed construction order: each component's weights depend on the ones before
+        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT_ENCODER_2_CONFIG))
+    scheduler = EulerDiscreteScheduler.from_config(sdxl_scheduler_config(scheduler_config))
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        model.eval()
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": scheduler,
+    }
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    """The tiny-model marker of ``folder``, or None when the folder is not a tiny model we built."""
+    try:
+        marker = json.loads((folder / TINY_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("builder") == __name__ else None
+
+
+def build_tiny_sdxl(
+    path: str | os.PathLike[str],
+    seed: int = 0,
+    *,
+    scheduler_config: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write the tiny SDXL pipeline to ``path`` (a diffusers folder, safetensors) and return the path.
+
+    ``path`` may be missing, empty, or a tiny model built before (it is replaced); any other existing
+    content is refused with ``FileExistsError`` and left as it was. The folder is built next to
+    ``path`` and renamed into place, so a failed build leaves nothing half-written.
+    """
+    target = Path(path).expanduser().absolute()
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"Cannot build the tiny model at {target}: it is a file, not a folder.")
+        if any(target.iterdir()) and _read_marker(target) is None:
+            raise FileExistsError(
+                f"Refusing to build the tiny model in {target}: the folder is not empty and is not a tiny "
+                "model built by dora-diffusion. Choose an empty or new folder."
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".building", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's 0o700 would stay on the final folder
+    try:
+        components = tiny_sdxl_components(seed, scheduler_config)
+        pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # transformers 4's CLIPTokenizer reads these two files, not tokenizer.json
+        for folder in ("tokenizer", "tokenizer_2"):
+            _tiny_vocab.write_tokenizer_files(staging / folder)
+        marker = {"builder": __name__, "version": TINY_MODEL_VERSION, "seed": seed}
+        (staging / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an old tiny model there is swapped out, then deleted."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        staging.rename(target)
+        return
+    retired = target.with_name(f".{target.name}.{os.getpid()}.old")
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except OSError:
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def default_model_dir() -> Path:
+    """Where the embedded tiny model is cached: ``$DORA_DIFFUSION_HOME/tiny-sdxl``, else
+    ``~/.cache/dora-diffusion/tiny-sdxl``."""
+    home = os.environ.get("DORA_DIFFUSION_HOME")
+    root = Path(home).expanduser() if home else Path.home() / ".cache" / "dora-diffusion"
+    return root / "tiny-sdxl"
+
+
+def ensure_tiny_model() -> Path:
+    """The cached tiny model's folder, built (seed 0) on first use or when it is out of date."""
+    folder = default_model_dir()
+    if _is_current_tiny_model(folder):
+        return folder
+    try:
+        return build_tiny_sdxl(folder, seed=0)
+    except OSError:
+        if _is_current_tiny_model(folder):  # another process built it at the same time
+            return folder
+        raise
+
+
+def _is_current_tiny_model(folder: Path) -> bool:
+    marker = _read_marker(folder)
+    return marker is not None and marker.get("version") == TINY_MODEL_VERSION and marker.get("seed") == 0
+
+
+# --- resolving and loading models ------------------------------------------------------------------
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for what can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
+    return (
+        model.startswith((".", "~", "/", "\\"))
+        or Path(model).is_absolute()
+        or model.count("/") > 1
+        or "\\" in model
+    )
+
+
+def resolve_model(model: str | os.PathLike[str] | None) -> str | Path:
+    """What ``from_pretrained`` should load for ``model``, checked to be on disk.
+
+    - ``None``: the embedded tiny SDXL (built on first use, see ``ensure_tiny_model``);
+    - an existing folder: that folder, which must hold a diffusers pipeline (``model_index.json``);
+    - otherwise a hub id, returned as given if the local Hugging Face cache holds it.
+
+    Raises ``ModelNotFoundError`` naming the model and what is missing.
+    """
+    if model is None:
+        return ensure_tiny_model()
+    name = os.fspath(model)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotFoundError(
+                f"Model {local} is a file; a diffusers pipeline folder (with model_index.json) is needed. "
+                "Convert a single-file checkpoint with StableDiffusionXLPipeline.from_single_file(...)"
+                ".save_pretrained(folder)."
+            )
+        if not (local / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"Model folder {local} has no model_index.json, so it is not a diffusers pipeline folder "
+                "(one written by save_pretrained, with unet/, vae/, text_encoder/, ... inside)."
+            )
+        return local
+    if isinstance(model, os.PathLike) or _looks_like_path(name):
+        raise ModelNotFoundError(f"Model folder {local} does not exist.")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        snapshot = Path(snapshot_download(name, local_files_only=True))
+    except (FileNotFoundError, HFValidationError) as error:
+        raise ModelNotFoundError(
+            f"Model {name!r} is neither a local folder nor in the local Hugging Face cache, and with no "
+            f"network it cannot be downloaded. On a connected machine run `hf download {name}` "
+            f"(older huggingface_hub: `huggingface-cli download {name}`), or pass a local diffusers folder."
+        ) from error
+    if not (snapshot / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"Model {name!r} is in the local Hugging Face cache ({snapshot}) but has no model_index.json: "
+            "it is not a diffusers pipeline, or its download is incomplete."
+        )
+    return name
+
+
+def load_pipeline(
+    model: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> StableDiffusionXLPipeline:
+    """Load an SDXL pipeline offline (safetensors only): ``None`` gives the embedded tiny model."""
+    source = resolve_model(model)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        source, local_files_only=True, use_safetensors=True, **_dtype_kwarg(dtype)
+    )
+    return pipe.to(device)
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: ``dtype`` from diffusers 0.42 (``torch_dtype`` is
+    deprecated there), ``torch_dtype`` before (where ``dtype`` would be ignored)."""
+    from packaging.version import Version
+
+    import diffusers
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}

@@ -1,0 +1,344 @@
+"""The adapter math: PEFT as the oracle, plus the invariants DoRA must keep."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from dora_diffusion import layers
+from dora_diffusion.inject import AdapterConfig, add_adapters
+from dora_diffusion.layers import (
+    DoRALinear,
+    LoRALinear,
+    MagnitudeLinear,
+    dense_row_norm,
+    disable_adapters,
+    merged_weight,
+    row_norm,
+    set_adapter_scale,
+)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def _pair(method, dtype, bias, in_f=24, out_f=40, rank=4, alpha=8.0, seed=0):
+    """Our adapter and PEFT's on copies of one Linear, with identical random A, B, m."""
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(in_f, out_f, bias=bias, dtype=dtype))
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    add_adapters(ours, AdapterConfig(method=method, rank=rank, alpha=alpha, targets=["0"], adapter_dtype=str(dtype).split(".")[1]))
+    peft = get_peft_model(theirs, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_dora=method == "dora"))
+    a, p = ours[0], peft.base_model.model[0]
+    with torch.no_grad():
+        a.lora_A.normal_()
+        a.lora_B.normal_()
+        p.lora_A["default"].weight.copy_(a.lora_A)
+        p.lora_B["default"].weight.copy_(a.lora_B)
+        if method == "dora":
+            a.magnitude.mul_(torch.rand(out_f, dtype=dtype) + 0.5)
+            p.lora_magnitude_vector["default"].weight.copy_(a.magnitude)
+    return ours, peft, a, p
+
+
+def _grads(a, p, method):
+    pairs = [(a.lora_A.grad, p.lora_A["default"].weight.grad), (a.lora_B.grad, p.lora_B["default"].weight.grad)]
+    if method == "dora":
+        pairs.append((a.magnitude.grad, p.lora_magnitude_vector["default"].weight.grad))
+    return pairs
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_peft(method, dtype, bias):
+    ours, peft, a, p = _pair(method, dtype, bias)
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y1, y2 = ours(x), peft(x2)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=tol, atol=tol)
+    for ours_g, peft_g in _grads(a, p, method):
+        torch.testing.assert_close(ours_g, peft_g, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_runtime_scale_matches_peft(method, scale):
+    ours, peft, _, p = _pair(method, torch.float64, True)
+    set_adapter_scale(ours, scale)
+    p.set_scale("default", scale)
+    x = torch.randn(4, 24, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), peft(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear, MagnitudeLinear])
+def test_output_equals_base_at_init(cls):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    x = torch.randn(7, 16)
+    adapter = cls(copy.deepcopy(base), rank=4, alpha=4)
+    torch.testing.assert_close(adapter(x), base(x), rtol=1e-6, atol=1e-6)
+
+
+def _trained(cls, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    adapter = cls(nn.Linear(16, 12, dtype=dtype), rank=3, alpha=6, dtype=dtype, **kw) if cls is not MagnitudeLinear else cls(nn.Linear(16, 12, dtype=dtype), dtype=dtype)
+    with torch.no_grad():
+        for n, p in adapter.named_parameters():
+            if not n.startswith("base."):
+                p.add_(torch.randn_like(p) * (0.3 if n != "magnitude" else 0.1))
+    return adapter
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear, MagnitudeLinear])
+def test_merge_equals_unmerged_and_is_idempotent(cls):
+    adapter = _trained(cls)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    w0 = adapter.base.weight.detach().clone()
+    y = adapter(x)
+    adapter.merge()
+    adapter.merge()  # idempotent: a second merge changes nothing
+    torch.testing.assert_close(adapter(x), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adapter.base(x), y, rtol=1e-12, atol=1e-12)
+    adapter.unmerge()
+    adapter.unmerge()
+    torch.testing.assert_close(adapter.base.weight, w0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adapter(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_magnitude_only_is_row_scaling_of_w0():
+    adapter = _trained(MagnitudeLinear)
+    w0 = adapter.base.weight.detach()
+    expected = (adapter.magnitude / w0.norm(dim=1)).unsqueeze(1) * w0
+    torch.testing.assert_close(adapter.adapted_weight(), expected.detach())
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(adapter(x), nn.functional.linear(x, expected, adapter.base.bias))
+
+
+def test_dora_magnitude_is_per_output_row():
+    # The axis pin: m has one entry per OUTPUT feature and starts at the L2 norm over the input axis.
+    base = nn.Linear(16, 12)
+    adapter = DoRALinear(copy.deepcopy(base), rank=2)
+    assert adapter.magnitude.shape == (12,)
+    torch.testing.assert_close(adapter.magnitude.detach(), base.weight.norm(dim=1))
+    # Scaling m_i scales exactly output feature i.
+    with torch.no_grad():
+        adapter.magnitude[3] *= 2
+    x = torch.randn(4, 16)
+    y0, y = base(x), adapter(x)
+    torch.testing.assert_close(y[:, 3] - adapter.base.bias[3], 2 * (y0[:, 3] - base.bias[3]))
+    torch.testing.assert_close(torch.cat([y[:, :3], y[:, 4:]], 1), torch.cat([y0[:, :3], y0[:, 4:]], 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    out_f=st.integers(1, 48),
+    in_f=st.integers(1, 48),
+    rank=st.integers(1, 16),
+    scale=st.floats(-4, 4, allow_nan=False),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_factored_norm_equals_dense(out_f, in_f, rank, scale, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out_f, in_f, generator=g).to(dtype)
+    a = torch.randn(rank, in_f, generator=g).to(dtype)
+    b = torch.randn(out_f, rank, generator=g).to(dtype)
+    factored, dense = row_norm(w0, a, b, scale), dense_row_norm(w0, a, b, scale)
+    assert factored.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Both accumulate the same (rounded) inputs in fp32/fp64. The factored form sums terms of size
+    # ‖W0_i‖² and ‖sBA_i‖² that may cancel, so its error bound is on n², relative to those terms.
+    ref_sq = w0.double().norm(dim=1) ** 2 + (scale * b.double() @ a.double()).norm(dim=1) ** 2
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    err = (factored.double() ** 2 - dense.double() ** 2).abs()
+    assert torch.all(err <= tol * (ref_sq + 1)), (factored, dense)
+
+
+def test_factored_norm_never_builds_out_by_in(monkeypatch):
+    # The factored formula only multiplies [out, in] by [in, r] and [r, in] by [in, r].
+    w0, a, b = torch.randn(64, 96), torch.randn(4, 96), torch.randn(64, 4)
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(x, y):
+        out = real(x, y)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    row_norm(w0, a, b, 0.5)
+    assert (64, 96) not in seen and seen, seen
+
+
+def test_exact_norm_gradient_matches_dense_autograd():
+    torch.manual_seed(0)
+    base = nn.Linear(20, 14, dtype=torch.float64)
+    ours = DoRALinear(copy.deepcopy(base), rank=3, alpha=5, dtype=torch.float64, norm_grad="exact")
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        ours.magnitude.mul_(1.3)
+    a = ours.lora_A.detach().clone().requires_grad_()
+    b = ours.lora_B.detach().clone().requires_grad_()
+    m = ours.magnitude.detach().clone().requires_grad_()
+    x = torch.randn(6, 20, dtype=torch.float64)
+    # Reference: Eq. 5 with the dense matrix and its norm, gradient through everything (Eq. 6).
+    w = base.weight + ours.scaling * b @ a
+    ref = nn.functional.linear(x, m.unsqueeze(1) * w / w.norm(dim=1, keepdim=True), base.bias)
+    y = ours(x)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref.backward(gy)
+    for mine, theirs in [(ours.lora_A.grad, a.grad), (ours.lora_B.grad, b.grad), (ours.magnitude.grad, m.grad)]:
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+    # ...and it differs from the detached gradient, which is a different (approximate) rule.
+    detached = DoRALinear(copy.deepcopy(base), rank=3, alpha=5, dtype=torch.float64)
+    detached.load_state_dict(ours.state_dict())
+    detached(x).backward(gy)
+    assert not torch.allclose(detached.lora_A.grad, ours.lora_A.grad)
+
+
+def test_norm_is_cached_per_step_and_invalidated_by_optimizer(monkeypatch):
+    calls = []
+    real = layers.row_norm
+    monkeypatch.setattr(layers, "row_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    adapter = DoRALinear(nn.Linear(16, 12), rank=4)
+    opt = torch.optim.SGD([adapter.lora_A, adapter.lora_B, adapter.magnitude], lr=0.1)
+    x = torch.randn(8, 16)
+    for _ in range(3):  # gradient accumulation: three micro-batches, one norm
+        adapter(x).pow(2).mean().backward()
+    assert len(calls) == 1
+    opt.step()
+    adapter(x)
+    assert len(calls) == 2  # the step changed A and B in place: recomputed once
+    adapter(x)
+    assert len(calls) == 2
+    # the cached value is the true norm of the current weights
+    torch.testing.assert_close(adapter.weight_norm(), dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling))
+    set_adapter_scale(adapter, 0.5)
+    adapter(x)
+    assert len(calls) == 3  # a new scale is a new norm
+    with torch.no_grad():
+        adapter.base.weight.mul_(2)  # W0 changed in place: ‖W0‖² refreshed too
+    torch.testing.assert_close(adapter.weight_norm(), dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling))
+
+
+def test_one_base_matmul_per_forward(monkeypatch):
+    adapter = _trained(DoRALinear, dtype=torch.float32)
+    adapter.weight_norm()  # warm the cache
+    weights = []
+    real = nn.functional.linear
+    monkeypatch.setattr(nn.functional, "linear", lambda x, w, b=None: weights.append(w) or real(x, w, b))
+    monkeypatch.setattr(layers.F, "linear", lambda x, w, b=None: weights.append(w) or real(x, w, b))
+    adapter(torch.randn(3, 16))
+    assert sum(w is adapter.base.weight for w in weights) == 1
+    assert all(w.shape != adapter.base.weight.shape or w is adapter.base.weight for w in weights)
+
+
+def _saved_activations(module, x):
+    """Storages autograd saves for backward that are not the module's own parameters or buffers."""
+    own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    return saved, y
+
+
+def test_dora_saves_no_activation_beyond_lora_and_its_output():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 48)
+    lora, dora = LoRALinear(copy.deepcopy(base), rank=4), DoRALinear(copy.deepcopy(base), rank=4)
+    x = torch.randn(10, 32, requires_grad=True)
+    lora_saved, _ = _saved_activations(lora, x)
+    dora_saved, y = _saved_activations(dora, x)
+    extra = {p: n for p, n in dora_saved.items() if p not in lora_saved}
+    big = {p: n for p, n in extra.items() if n > 48}  # [out]-sized vectors (g) are not activations
+    # The only extra activation is the output, which the next layer saves anyway.
+    assert big == {y.untyped_storage().data_ptr(): y.numel()}, (extra, y.numel())
+    assert sum(lora_saved.values()) == 10 * 32 + 10 * 4  # x and A·x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_with_fp32_adapter(dtype):
+    ref = _trained(DoRALinear, dtype=torch.float32)
+    half = copy.deepcopy(ref)
+    half.base.to(dtype)
+    assert half.lora_A.dtype == torch.float32 and half.magnitude.dtype == torch.float32
+    x = torch.randn(6, 16)
+    y = half(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref(x), rtol=3e-2, atol=3e-2)
+    y.float().pow(2).sum().backward()
+    for p in (half.lora_A, half.lora_B, half.magnitude):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    adapter = LoRALinear(nn.Linear(16, 12), rank=4, dropout=0.5)
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+    x = torch.randn(32, 16)
+    adapter.train()
+    assert not torch.allclose(adapter(x), adapter(x))
+    adapter.eval()
+    torch.testing.assert_close(adapter(x), adapter(x))
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_disable_adapters_gives_base_and_restores(merged):
+    adapter = _trained(DoRALinear)
+    model = nn.Sequential(adapter)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    y = model(x)
+    w0 = adapter.base.weight.detach().clone() if not merged else None
+    if merged:
+        adapter.merge()
+    with disable_adapters(model):
+        base_out = model(x)
+    assert adapter.merged == merged and adapter.enabled
+    torch.testing.assert_close(model(x), y, rtol=1e-12, atol=1e-12)
+    adapter.unmerge()
+    torch.testing.assert_close(base_out, adapter.base(x))
+    if w0 is not None:
+        torch.testing.assert_close(adapter.base.weight, w0)
+
+
+def test_merged_weight_formula():
+    g = torch.Generator().manual_seed(0)
+    w0, a, b = torch.randn(5, 7, generator=g), torch.randn(2, 7, generator=g), torch.randn(5, 2, generator=g)
+    m = torch.rand(5, generator=g) + 0.5
+    w = w0 + 0.7 * b @ a
+    torch.testing.assert_close(merged_weight(w0, a, b, 0.7, m), m.unsqueeze(1) * w / w.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(merged_weight(w0, a, b, 0.7), w)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compiles_without_graph_breaks(training):
+    adapter = _trained(DoRALinear, dtype=torch.float32)
+    adapter.train(training)
+    x = torch.randn(4, 16)
+    expected = adapter(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True)  # fullgraph: a break is an error
+    with torch.set_grad_enabled(training):
+        y = compiled(x)
+    torch.testing.assert_close(y, expected)
+    if training:
+        y.sum().backward()
+        assert adapter.magnitude.grad is not None
