@@ -164,7 +164,15 @@ def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: boo
             for p in config.patterns:
                 if not any(name_matches(n, p) for n in all_linear):
                     raise AdapterError(f"targets: pattern {p!r} matched no nn.Linear in {type(module).__name__}")
-    # Check every rank before changing anything: a failure leaves the module untouched.
+    # Check every layer before changing anything: a failure leaves the module untouched.
+    if config.method != "magnitude":
+        for name in names:
+            layer = module.get_submodule(name)
+            if config.rank > min(layer.in_features, layer.out_features):
+                raise AdapterError(
+                    f"{name}: rank must be in 1..{min(layer.in_features, layer.out_features)} for a "
+                    f"Linear({layer.in_features}, {layer.out_features}), got {config.rank}"
+                )
     adapters = {name: make_adapter(module.get_submodule(name), config, name) for name in names}
     for p in module.parameters():
         p.requires_grad_(False)
