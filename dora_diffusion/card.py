@@ -1,0 +1,74 @@
+"""The model card (README.md) written next to a trained adapter, in the Hugging Face convention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+def model_card(config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path) -> str:
+    base = config.model or "tiny-sdxl (the embedded test model of dora-diffusion)"
+    method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only"}[config.method]
+    shown = images[-config.num_validation_images:] if images else []
+    gallery = "\n".join(f"![validation]({p.relative_to(output).as_posix()})" for p in shown)
+    hub_base = config.model if config.model and not Path(config.model).exists() else None
+    yaml_base = f"base_model: {hub_base}\n" if hub_base else ""
+    load_from = config.model or "PATH/TO/BASE/MODEL"
+    return f"""---
+{yaml_base}library_name: diffusers
+license: other
+tags:
+- text-to-image
+- stable-diffusion-xl
+- diffusers
+- {config.method}
+- dora-diffusion
+instance_prompt: {config.prompt!r}
+---
+
+# {method} adapter for SDXL: `{config.prompt}`
+
+Trained with [dora-diffusion](https://pypi.org/project/dora-diffusion/) on {base}.
+
+| | |
+|---|---|
+| method | {method} (`{config.method}`) |
+| rank / alpha | {config.rank} / {config.alpha if config.alpha is not None else config.rank} |
+| targets | `{config.targets}`{" + both text encoders" if config.train_text_encoder else ""} |
+| trainable parameters | {trainable_parameters:,} |
+| steps / batch / lr | {config.max_steps} / {config.batch_size}×{config.gradient_accumulation} / {config.learning_rate:g} ({config.lr_schedule}) |
+| resolution | {resolution} |
+| prior preservation | {repr(config.class_prompt) if config.class_prompt else "off"} |
+| seed | {config.seed} |
+
+Instance prompt: `{config.prompt}`. Validation prompt: `{config.validation_prompt or config.prompt}`.
+
+{gallery}
+
+## Use it with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{load_from}", torch_dtype=torch.float16).to("cuda")
+pipe.load_lora_weights("{output.name}")  # this folder: pytorch_lora_weights.safetensors
+image = pipe("{config.validation_prompt or config.prompt}", num_inference_steps=30).images[0]
+```
+
+Or with dora-diffusion, which loads every component exactly (also the text-encoder DoRA magnitudes):
+
+```python
+from dora_diffusion import load_adapter
+load_adapter(pipe, "{output.name}", scale=1.0)
+```
+
+`training_config.json` holds every option of this run.
+"""
+
+
+def write_model_card(output: Path, config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path]) -> Path:
+    path = Path(output) / "README.md"
+    path.write_text(model_card(config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=Path(output)), encoding="utf-8")
+    return path

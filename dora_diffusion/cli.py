@@ -1,0 +1,98 @@
+"""``dora-diffusion``: a thin shell over the library; every subcommand calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  dora-diffusion tiny-model outputs/tiny-sdxl
+  dora-diffusion train --data datasets/sks_toy --prompt "a photo of sks toy" --method dora --output outputs/toy-dora
+  dora-diffusion train --config run.toml --max-steps 800          # options override the file
+  dora-diffusion train --output outputs/toy-dora --resume latest  # continue a run
+  dora-diffusion demo                                             # LoRA vs DoRA on the sample subject
+"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import config_from_args
+    from .train import train
+
+    config = config_from_args(args)
+    result = train(config)
+    print(f"\nadapter: {result.adapter_file}\nfinal loss {result.final_loss:.4f}, "
+          f"median step {result.median_step_seconds * 1000:.0f} ms, {result.trainable_parameters:,} trainable parameters")
+    return 0
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from .models import build_tiny_sdxl
+
+    path = build_tiny_sdxl(args.path, seed=args.seed)
+    print(f"tiny SDXL pipeline written to {path}\nload it with StableDiffusionXLPipeline.from_pretrained({str(path)!r})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), steps=args.steps, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_config_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="dora-diffusion",
+        description="Personalise Stable Diffusion XL with DoRA, LoRA beside it as the baseline.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train an adapter on a folder of subject images",
+                       description="DreamBooth-train a LoRA, DoRA or magnitude-only adapter on SDXL. "
+                       "Every option can also be set in a TOML/YAML/JSON file given with --config; "
+                       "options on the command line win.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file of options (keys as below, '-' or '_')")
+    add_config_arguments(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("tiny-model", help="build the embedded tiny SDXL-architecture pipeline (for tests and the demo)")
+    p.add_argument("path", help="folder to write (must not exist, or be empty, or hold an older tiny model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("demo", help="train LoRA and DoRA on the sample subject and write a side-by-side grid")
+    p.add_argument("--output", default="outputs/demo", help="folder of the demo (default: outputs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from .config import ConfigError
+    from .data import DataError
+    from .inject import AdapterError
+    from .models import ModelNotFoundError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, AdapterError, ModelNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The DreamBooth loop on the tiny SDXL: it learns, resumes exactly, runs under 2 processes, refuses bad input."""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import unet_inputs
+from dora_diffusion import AdapterConfig, add_adapters, adapter_parameters, load_adapter
+from dora_diffusion.cli import main
+from dora_diffusion.config import ConfigError, TrainConfig
+from dora_diffusion.data import DataError
+from dora_diffusion.train import batch_indices, diffusion_loss, encode_prompts, train
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "datasets" / "sks_toy"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from dora_diffusion.models import build_tiny_sdxl
+
+    return str(build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """Three sample images (one with a caption sidecar)."""
+    folder = tmp_path_factory.mktemp("data")
+    for p in sorted(SAMPLE.iterdir())[:4]:
+        shutil.copy(p, folder / p.name)
+    return str(folder)
+
+
+def quick(tiny_model, small_data, output, **kw):
+    base = dict(data=small_data, prompt="a photo of sks toy", output=str(output), model=tiny_model, resolution=64,
+                max_steps=4, validation_steps=0, num_validation_images=1, validation_inference_steps=2,
+                report_to="none", learning_rate=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_adapters_learn_a_fixed_batch(tiny_components, method):
+    """On one fixed batch (latents, noise, timesteps, prompt), the loss falls by a clear margin."""
+    unet = copy.deepcopy(tiny_components["unet"])
+    add_adapters(unet, AdapterConfig(method=method, rank=8, targets="attn+ff"))
+    unet.train()
+    inputs = unet_inputs(unet, seed=5, size=8, batch=2)
+    target = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(6))
+    opt = torch.optim.AdamW(adapter_parameters(unet), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = diffusion_loss(unet(**inputs).sample, target, None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses  # seen: 1.10 -> 0.75 (LoRA)
+
+
+def test_batch_order_is_a_function_of_the_step():
+    n, seen = 7, []
+    for step in range(7):
+        seen += [i for i, _ in batch_indices(0, step, 0, 1, 1, n)]
+    assert sorted(seen) == list(range(n))  # one epoch = each image once
+    two_ranks = [i for step in range(7) for r in range(2) for i, _ in batch_indices(0, step, r, 2, 1, n)]
+    assert two_ranks[:7] == seen  # ranks split the same sequence
+    assert batch_indices(1, 0, 0, 1, 7, n) != batch_indices(0, 0, 0, 1, 7, n)
+
+
+def test_prompt_encoding_shapes(tiny_components):
+    c = tiny_components
+    embeds, pooled = encode_prompts([c["text_encoder"], c["text_encoder_2"]], [c["tokenizer"], c["tokenizer_2"]],
+                                    ["a photo of sks toy", "a dog"], "cpu")
+    assert embeds.shape == (2, 77, c["unet"].config.cross_attention_dim)
+    assert pooled.shape == (2, c["text_encoder_2"].config.projection_dim)
+
+
+def _adapter(path):
+    return load_file(str(Path(path) / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tiny_model, small_data, tmp_path):
+    """N steps, stop, resume for N more == 2N steps straight (DoRA, dropout, warm-up schedule, accumulation)."""
+    kw = dict(method="dora", dropout=0.1, lr_schedule="linear", lr_warmup_steps=2, gradient_accumulation=2,
+              max_steps=6, checkpoint_steps=3, cache_latents=False, train_text_encoder=True)
+    straight = train(quick(tiny_model, small_data, tmp_path / "straight", **kw))
+    stopped = train(quick(tiny_model, small_data, tmp_path / "resumed", **kw), should_stop=lambda step, loss: step == 3)
+    assert stopped.stopped and stopped.steps == 3
+    assert not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()
+    resumed = train(quick(tiny_model, small_data, tmp_path / "resumed", resume="latest", **kw))
+    a, b = _adapter(straight.output), _adapter(resumed.output)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.final_loss == straight.final_loss
+    # and training moved the adapter: it is not the initial one
+    assert any(k.endswith("lora.up.weight") and a[k].abs().sum() > 0 for k in a)
+
+
+def test_stop_keeps_a_checkpoint_and_resume_checks_the_config(tiny_model, small_data, tmp_path):
+    out = tmp_path / "run"
+    result = train(quick(tiny_model, small_data, out, method="lora", max_steps=5), should_stop=lambda s, l: s == 2)
+    assert result.stopped and (out / "checkpoints" / "checkpoint-2" / "state.json").is_file()
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    with pytest.raises(ConfigError, match="resume: method is 'dora'.*'lora'"):
+        train(quick(tiny_model, small_data, out, method="dora", max_steps=5, resume="latest"))
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_and_both_loaders(tiny_model, small_data, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "cli-run"
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'data = "{small_data}"\nprompt = "a photo of sks toy"\nmethod = "lora"\nrank = 4\n'
+                   'max-steps = 100\nresolution = 64\nreport_to = "tensorboard"\n')
+    code = main(["train", "--config", str(cfg), "--method", "dora", "--max-steps", "3", "--model", tiny_model,
+                 "--output", str(out), "--validation-steps", "2", "--validation-inference-steps", "2",
+                 "--checkpoint-steps", "2", "--learning-rate", "0.01"])
+    assert code == 0
+    resolved = json.loads((out / "training_config.json").read_text())
+    assert resolved["method"] == "dora" and resolved["max_steps"] == 3 and resolved["rank"] == 4  # CLI wins, file fills
+    assert (out / "README.md").read_text().count("load_lora_weights") == 1
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [  # 2 images (seeds 0, 1) at steps 2 and 3
+        "step000002_seed0.png", "step000002_seed1.png", "step000003_seed0.png", "step000003_seed1.png"]
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    ours = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    base_out = ours.unet(**unet_inputs(ours.unet, size=8)).sample
+    report = load_adapter(ours, out)
+    assert report.method == {"unet": "dora"} and report.rank == {"unet": 4}
+    theirs = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    theirs.load_lora_weights(str(out))
+    with torch.no_grad():
+        a = ours.unet(**unet_inputs(ours.unet, size=8)).sample
+        b = theirs.unet(**unet_inputs(theirs.unet, size=8)).sample
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, base_out.detach(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(tiny_model, small_data, tmp_path):
+    out = tmp_path / "ddp"
+    # accelerate's `--cpu` launcher starts one process unless MPI is set up; `--multi_gpu` starts two
+    # with torchrun, and the trainer forms a gloo group on the CPU when there is no CUDA.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dora_diffusion.cli", "train",
+           "--data", small_data, "--prompt", "a photo of sks toy", "--model", tiny_model, "--output", str(out),
+           "--resolution", "64", "--max-steps", "3", "--validation-steps", "0", "--num-validation-images", "1",
+           "--validation-inference-steps", "2", "--report-to", "none", "--method", "dora", "--learning-rate", "0.01"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["num_processes"] == 2 and ranks["in_sync"] and len(set(ranks["adapter_checksums"])) == 1
+    assert len(list(out.glob("*.safetensors"))) == 1
+    assert json.loads((out / "training_config.json").read_text())["num_processes"] == 2
+
+
+def test_existing_output_is_never_silently_overwritten(tiny_model, small_data, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["train", "--data", small_data, "--prompt", "a photo of sks toy", "--output", str(out), "--model", tiny_model])
+    assert code == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_input_is_a_clear_error(tiny_model, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--data", str(empty), "--prompt", "p", "--output", str(tmp_path / "o1"), "--model", tiny_model]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert main(["train", "--data", str(empty), "--prompt", "p", "--output", str(tmp_path / "o2"), "--model", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "vera"])
+    assert main(["train", "--data", str(empty), "--prompt", "p", "--rank", "0"]) == 2
+    assert "rank" in capsys.readouterr().err
+    assert main(["train", "--data", str(empty), "--prompt", "p", "--resolution", "100"]) == 2
+    assert "resolution" in capsys.readouterr().err
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text("learning_rat = 1e-4\n")
+    assert main(["train", "--config", str(bad_cfg)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+    assert main(["train", "--data", str(empty), "--prompt", "p", "--output", str(tmp_path / "o3"), "--resume", "latest", "--model", tiny_model]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_images_are_skipped_and_named(tiny_model, small_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        result = train(quick(tiny_model, str(data), tmp_path / "out", max_steps=1, num_validation_images=1))
+    assert result.adapter_file.is_file()
