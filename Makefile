@@ -24,6 +24,9 @@ test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
 test-fast: setup  ## everything but the tests marked slow
 	$(PY) -m pytest -m "not slow"
 
+demo: setup  ## build the tiny model, train LoRA and DoRA on the sample subject, write outputs/demo/
+	$(VENV)/bin/dora-diffusion demo --output outputs/demo --overwrite
+
 bench: setup  ## CPU benchmark: training step time and peak memory, medium SDXL-shaped UNet
 	$(PY) benchmarks/bench_adapters.py --size medium --out benchmarks/results/cpu-medium.json
 

@@ -13,6 +13,8 @@ EPILOG = """examples:
   dora-diffusion train --config run.toml --max-steps 800          # options override the file
   dora-diffusion train --output outputs/toy-dora --resume latest  # continue a run
   dora-diffusion demo                                             # LoRA vs DoRA on the sample subject
+  dora-diffusion export --adapter outputs/toy-dora --format kohya --out toy_dora.safetensors
+  dora-diffusion verify --adapter toy_dora.safetensors
 """
 
 
@@ -42,6 +44,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_adapter
+
+    path = export_adapter(args.adapter, args.format, args.out, model=args.model, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"{args.format} export written to {path}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .export import verify_adapter
+
+    report = verify_adapter(args.adapter, args.model, loader=args.loader, tolerance=args.tolerance)
+    print(report)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_config_arguments
 
@@ -67,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.set_defaults(func=_tiny_model)
 
+    p = sub.add_parser("export", help="export an adapter: diffusers, kohya (ComfyUI/A1111), or merged into the model",
+                       description="Export a run's adapter (or any adapter file we can read). Formats: "
+                       "diffusers (pytorch_lora_weights.safetensors for pipe.load_lora_weights), "
+                       "kohya (lora_unet_/lora_te1_/lora_te2_ keys, SGM names, dora_scale [out, 1]: ComfyUI, sd-scripts), "
+                       "merged-folder (a diffusers pipeline folder with the adapter baked in), "
+                       "merged-single (one .safetensors in the original SDXL layout: from_single_file, ComfyUI, A1111).")
+    p.add_argument("--adapter", required=True, help="run folder or adapter .safetensors file")
+    p.add_argument("--format", required=True, choices=("diffusers", "kohya", "merged-folder", "merged-single"))
+    p.add_argument("--out", required=True, help="output folder or .safetensors file")
+    p.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="dtype of merged exports")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("verify", help="check that an exported adapter reproduces its recorded outputs on a base model")
+    p.add_argument("--adapter", required=True, help="adapter .safetensors file (or its folder) written by `export`")
+    p.add_argument("--model", default=None, help="base model (default: the one recorded in the file)")
+    p.add_argument("--loader", default="ours", choices=("ours", "diffusers"), help="load with our loader or diffusers' load_lora_weights")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error per component (default: 1e-4)")
+    p.set_defaults(func=_verify)
+
     p = sub.add_parser("demo", help="train LoRA and DoRA on the sample subject and write a side-by-side grid")
     p.add_argument("--output", default="outputs/demo", help="folder of the demo (default: outputs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's)")
@@ -80,13 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .inject import AdapterError
+    from .formats import AdapterFileError
     from .models import ModelNotFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, AdapterError, ModelNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, AdapterError, AdapterFileError, ModelNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -189,7 +189,8 @@ def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 # State dict: {f"{module_name}.{param}": tensor}, param in lora_A [r, in], lora_B [out, r], magnitude [out].
-ADAPTER_PARAMS = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"), "magnitude": ("magnitude",)}
+ADAPTER_PARAMS = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"), "magnitude": ("magnitude",),
+                  "dora_in": ("lora_A", "lora_B", "magnitude")}  # dora_in: magnitude [in] (files from other tools)
 
 
 def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

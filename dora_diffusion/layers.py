@@ -339,6 +339,50 @@ class DoRALinear(LoRALinear):
         return w - lora_delta(self.lora_A, self.lora_B, self.scaling)
 
 
+def column_norm(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``‖W0 + scale·B·A‖`` per INPUT column (over the output axis), factored: ``[in]``.
+
+    It is ``row_norm`` of the transpose: ``(W0 + sBA)ᵀ = W0ᵀ + s·Aᵀ·Bᵀ``.
+    """
+    return row_norm(w0.T, lora_b.T, lora_a.T, scale)
+
+
+class DoRAInputAxisLinear(LoRALinear):
+    """DoRA with one magnitude per INPUT column, as LyCORIS < 3.2 and OneTrainer write it
+    (``dora_scale: [1, in]``): ``W' = (W0 + s·B·A) · diag(m / ‖W0 + s·B·A‖_col)``.
+
+    A different function from the paper's output-row DoRA (``DoRALinear``), loaded exactly rather
+    than converted: ``y = W0·(g ⊙ x) + s·B·A·(g ⊙ x) + bias`` with ``g = m / n_col``. Inference and
+    export only (the trainer trains the paper's axis).
+    """
+
+    method = "dora_in"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(base, rank, alpha, dropout, dtype)
+        w = acc(base.weight)
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w, dim=0).to(dtype or base.weight.dtype))  # [in]
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # detached norm, as in the row case (paper §4.3)
+            n = column_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling).clamp_min(math.sqrt(EPS))
+        xs = x * (acc(self.magnitude) / n).to(x.dtype)  # g ⊙ x
+        return self.base(xs) + self.lora_forward(xs)
+
+    def adapted_weight(self) -> torch.Tensor:
+        w = merged_weight(self.base.weight, self.lora_A, self.lora_B, self.scaling)
+        return w * (acc(self.magnitude) / torch.linalg.vector_norm(w, dim=0).clamp_min(math.sqrt(EPS))).unsqueeze(0)
+
+    def _unmerge_state(self):
+        with torch.no_grad():
+            return column_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling)
+
+    def _original_weight(self) -> torch.Tensor:
+        w = acc(self.base.weight) * (self._saved_for_unmerge / acc(self.magnitude)).unsqueeze(0)
+        return w - lora_delta(self.lora_A, self.lora_B, self.scaling)
+
+
 class MagnitudeLinear(AdapterLinear):
     """Magnitude-only (paper §5.6): ``W' = m ⊙ W0 / ‖W0‖_row``; trainable ``m: [out]`` only."""
 
@@ -369,6 +413,7 @@ ADAPTER_CLASSES: dict[str, type[AdapterLinear]] = {
     "lora": LoRALinear,
     "dora": DoRALinear,
     "magnitude": MagnitudeLinear,
+    "dora_in": DoRAInputAxisLinear,
 }
 
 

@@ -493,7 +493,7 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
     if accelerator.is_main_process:
         unwrapped = {c: accelerator.unwrap_model(m) for c, m in modules.items()}
         adapter_file = save_adapter(unwrapped, output, overwrite=True, metadata={
-            "base_model": config.model or "tiny-sdxl (embedded)", "instance_prompt": config.prompt,
+            "base_model": config.model or "embedded-tiny-sdxl", "instance_prompt": config.prompt,
             "trained_steps": config.max_steps, "resolution": resolution, "seed": config.seed})
         write_model_card(output, config, resolution=resolution, trainable_parameters=n_trainable, images=validation_images)
     accelerator.wait_for_everyone()

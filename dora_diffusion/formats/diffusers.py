@@ -287,6 +287,8 @@ def _parse_layers(tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Mo
     layers: dict[tuple[str, str], LayerSpec] = {}
     left: list[str] = []
     for key, t in tensors.items():
+        if key.startswith("base_model.model."):  # a PEFT adapter_model.safetensors of a bare UNet
+            key = "unet." + key.removeprefix("base_model.model.")
         comp, _, rest = key.partition(".")
         if comp not in comps:
             left.append(key)
@@ -392,11 +394,16 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
 def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0) -> LoadReport:
     """Load an adapter file into ``pipe`` (replacing adapters it has), at run-time ``scale``.
 
-    Exact for every component (UNet and both text encoders, LoRA, DoRA, magnitude-only). The file
+    Reads our files, diffusers'/PEFT's (also those of diffusers' DreamBooth scripts) and kohya/LyCORIS
+    files (SGM or diffusers names; ``dora_scale`` per output row or per input column). Exact for every
+    component (UNet and both text encoders, LoRA, DoRA, magnitude-only). The file
     is read and checked completely before the pipeline is touched: on any error it is unchanged.
     """
+    from .kohya import is_kohya, plan_kohya
+
     tensors, meta, file = read_adapter_file(path)
-    planned, report = plan_adapters(pipe, tensors, meta, str(file))
+    plan = plan_kohya if is_kohya(tensors) else plan_adapters
+    planned, report = plan(pipe, tensors, meta, str(file))
     comps = components_of(pipe)
     for module in comps.values():
         remove_adapters(module)

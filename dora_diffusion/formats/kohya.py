@@ -1,0 +1,251 @@
+"""The kohya / LyCORIS file (sd-scripts, ComfyUI, A1111/Forge): write it, and read every DoRA layout exactly.
+
+Keys, one module each:
+
+    lora_unet_<SGM name, '.' -> '_'>.lora_down.weight   [r, in]     e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q
+    lora_unet_<...>.lora_up.weight                        [out, r]
+    lora_unet_<...>.alpha                                 []          scale = alpha / r
+    lora_unet_<...>.dora_scale                            [out, 1]    (we write the output-row axis)
+    lora_te1_text_model_encoder_layers_0_self_attn_q_proj.*   /  lora_te2_*   (text encoders)
+
+``dora_scale`` is the DoRA magnitude. Its axis differs by producer: LyCORIS >= 3.2 (``wd_on_out``)
+writes one per OUTPUT row ``[out, 1]``; LyCORIS < 3.2 and OneTrainer one per INPUT column ``[1, in]``.
+These are different functions, not two spellings: the reader builds ``DoRALinear`` for the first and
+``DoRAInputAxisLinear`` for the second. A 1-D ``dora_scale`` is read by its length, and a length
+that fits both axes (a square layer) needs the file's metadata to say which.
+
+Underscore-joined names are ambiguous (``to_q``, ``transformer_blocks``), so names are not parsed:
+the reader computes every kohya spelling of the model's own Linear layers (SGM and diffusers names)
+and looks them up, as sd-scripts does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..layers import ADAPTER_CLASSES, AdapterLinear, adapter_modules
+from .diffusers import (
+    METADATA_KEY,
+    AdapterFileError,
+    LoadReport,
+    canonical_name,
+    components_of,
+)
+
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+SUFFIXES = {".lora_down.weight": "lora_A", ".lora_up.weight": "lora_B", ".alpha": "alpha", ".dora_scale": "dora_scale"}
+
+
+def is_kohya(keys) -> bool:
+    return any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
+
+
+def _kohya_names(component: str, module: nn.Module, name: str) -> list[str]:
+    """Every kohya spelling of one module: SGM names first (as sd-scripts writes SDXL), then diffusers'."""
+    if component == "unet":
+        from .original import sgm_unet_name
+
+        spellings = [sgm_unet_name(name), name]
+    else:
+        canon = canonical_name(component, module, name)
+        spellings = [canon, canon.removeprefix("text_model.")]
+    prefix = PREFIXES[component]
+    out = []
+    for s in spellings:
+        key = prefix + s.replace(".", "_")
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def kohya_name(component: str, module: nn.Module, name: str) -> str:
+    """The name we write (SGM for the UNet, ``text_model_...`` for the text encoders)."""
+    return _kohya_names(component, module, name)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Write
+# --------------------------------------------------------------------------------------------
+
+
+def kohya_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors of the kohya file for the adapters of ``obj`` and a summary for the metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    summary: dict[str, Any] = {}
+    for comp, module in components_of(obj).items():
+        mods = list(adapter_modules(module))
+        for name, a in mods:
+            if a.merged:
+                raise AdapterFileError(f"{comp}.{name}: adapter is merged; unmerge it before exporting")
+            key = kohya_name(comp, module, name)
+            if a.method == "magnitude":
+                # As DoRA with zero up/down: W' = m ⊙ W0 / ‖W0‖_row, exact in every DoRA loader.
+                out_f, in_f = a.base.weight.shape
+                down, up, alpha = torch.zeros(1, in_f), torch.zeros(out_f, 1), 1.0
+            else:
+                down, up, alpha = a.lora_A.detach(), a.lora_B.detach(), a.alpha
+            tensors[f"{key}.lora_down.weight"] = down.float().cpu().contiguous().clone()
+            tensors[f"{key}.lora_up.weight"] = up.float().cpu().contiguous().clone()
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+            if a.method in ("dora", "magnitude"):
+                tensors[f"{key}.dora_scale"] = a.magnitude.detach().float().cpu().reshape(-1, 1).clone()  # [out, 1]
+            elif a.method == "dora_in":
+                tensors[f"{key}.dora_scale"] = a.magnitude.detach().float().cpu().reshape(1, -1).clone()  # [1, in]
+        if mods:
+            summary[comp] = {"method": mods[0][1].method, "rank": mods[0][1].rank, "alpha": mods[0][1].alpha, "layers": len(mods)}
+    if not tensors:
+        raise AdapterFileError("nothing to export: no adapters found")
+    return tensors, summary
+
+
+def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a kohya/LyCORIS ``.safetensors`` (atomic; an existing file is kept unless ``overwrite``)."""
+    from safetensors.torch import save_file
+
+    file = Path(path)
+    if file.suffix != ".safetensors":
+        file = file / "adapter_kohya.safetensors"
+    if file.exists() and not overwrite:
+        raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
+    tensors, summary = kohya_state_dict(obj)
+    methods = {s["method"] for s in summary.values()}
+    dora = bool(methods & {"dora", "magnitude", "dora_in"})
+    first = next(iter(summary.values()))
+    header = {
+        "format": "pt",
+        "ss_network_module": "lycoris.kohya" if dora else "networks.lora",
+        "ss_network_dim": str(first["rank"]),
+        "ss_network_alpha": str(first["alpha"]),
+        "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "true", "wd_on_output": "true"} if dora else {}),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        METADATA_KEY: json.dumps({"format_version": 1, "layout": "kohya", "magnitude_axis": "in" if methods == {"dora_in"} else "out",
+                                  "components": summary, **dict(metadata or {})}, sort_keys=True),
+    }
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=file.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return file
+
+
+# --------------------------------------------------------------------------------------------
+# Read
+# --------------------------------------------------------------------------------------------
+
+
+def _lookup(comps: Mapping[str, nn.Module]) -> dict[str, tuple[str, str, nn.Linear]]:
+    table: dict[str, tuple[str, str, nn.Linear]] = {}
+    for comp, module in comps.items():
+        for name, child in module.named_modules():
+            if isinstance(child, AdapterLinear):
+                child = child.base
+            elif not isinstance(child, nn.Linear) or name.endswith(".base"):
+                continue
+            for key in _kohya_names(comp, module, name):
+                table.setdefault(key, (comp, name, child))
+            if comp == "text_encoder":  # SD 1.x-style single text encoder prefix
+                for key in _kohya_names(comp, module, name):
+                    table.setdefault("lora_te_" + key.removeprefix("lora_te1_"), (comp, name, child))
+    return table
+
+
+def _magnitude_axis(scale: torch.Tensor, out_f: int, in_f: int, declared: str | None, where: str) -> str:
+    shape = tuple(scale.shape)
+    if len(shape) == 2 and shape == (out_f, 1):
+        return "out"
+    if len(shape) == 2 and shape == (1, in_f):
+        return "in"
+    if len(shape) == 1 and out_f != in_f and shape[0] in (out_f, in_f):
+        return "out" if shape[0] == out_f else "in"
+    if len(shape) == 1 and shape[0] == out_f == in_f:
+        if declared in ("out", "in"):
+            return declared
+        raise AdapterFileError(f"{where}: dora_scale {shape} fits both axes of a square layer and the file does not say which")
+    raise AdapterFileError(f"{where}: dora_scale shape {shape} fits neither [{out_f}, 1] nor [1, {in_f}]")
+
+
+def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str):
+    """Build one adapter per module of a kohya file, checked against ``pipe`` before anything changes."""
+    comps = components_of(pipe)
+    try:
+        ours = json.loads(meta.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        ours = {}
+    declared = ours.get("magnitude_axis")
+    if declared is None:  # LyCORIS records wd_on_output in its network args
+        try:
+            args = json.loads(meta.get("ss_network_args", "{}"))
+            if isinstance(args, dict) and "wd_on_output" in args:
+                declared = "out" if str(args["wd_on_output"]).lower() == "true" else "in"
+        except json.JSONDecodeError:
+            pass
+    table = _lookup(comps)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    left: list[str] = []
+    for key, t in tensors.items():
+        for suffix, part in SUFFIXES.items():
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[part] = t
+                break
+        else:
+            left.append(key)
+    planned: dict[tuple[str, str], AdapterLinear] = {}
+    report = LoadReport(str(source), {}, {}, {}, {}, [], ours)
+    problems: list[str] = []
+    for key, parts in sorted(groups.items()):
+        if key not in table:
+            problems.append(f"{key}: no such Linear layer in this pipeline")
+            continue
+        comp, name, base = table[key]
+        if "lora_A" not in parts or "lora_B" not in parts:
+            problems.append(f"{key}: needs lora_down and lora_up (has {sorted(parts)})")
+            continue
+        down, up = parts["lora_A"], parts["lora_B"]
+        out_f, in_f = base.weight.shape
+        if down.dim() != 2 or up.dim() != 2:  # conv LoRA (LoCon) keys
+            problems.append(f"{key}: only Linear LoRA is supported here (down {tuple(down.shape)}, up {tuple(up.shape)})")
+            continue
+        r = down.shape[0]
+        if tuple(down.shape) != (r, in_f) or tuple(up.shape) != (out_f, r):
+            problems.append(f"{key}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit Linear({in_f}, {out_f})")
+            continue
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(r)
+        if "dora_scale" in parts:
+            axis = _magnitude_axis(parts["dora_scale"], out_f, in_f, declared, f"{source}: {key}")
+            method = "dora" if axis == "out" else "dora_in"
+        else:
+            method = "lora"
+        adapter = ADAPTER_CLASSES[method](base, rank=r, alpha=alpha, dtype=torch.float32)
+        with torch.no_grad():
+            adapter.lora_A.copy_(down)
+            adapter.lora_B.copy_(up)
+            if method != "lora":
+                adapter.magnitude.copy_(parts["dora_scale"].reshape(-1))
+        planned[(comp, name)] = adapter
+        prev = report.method.setdefault(comp, method)
+        if prev != method:
+            report.method[comp] = "mixed"
+        report.rank[comp] = max(report.rank.get(comp, 0), r)
+        report.alpha[comp] = alpha
+        report.layers[comp] = report.layers.get(comp, 0) + 1
+    report.keys_left_over = sorted(left)
+    if problems:
+        raise AdapterFileError(
+            f"{source}: does not fit this pipeline ({len(problems)} problem(s); is it for another model?): " + "; ".join(problems[:5])
+        )
+    if not planned:
+        raise AdapterFileError(f"{source}: no LoRA/DoRA modules found")
+    return planned, report
