@@ -60,6 +60,22 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _app(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from .config import ConfigError
+    from .engine import Engine
+
+    main_py = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    if not main_py.is_file():
+        raise ConfigError(f"app: {main_py} ships with the repository; run the app from a checkout")
+    spec = importlib.util.spec_from_file_location("dora_diffusion_app", main_py)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    app.serve(Engine(model=args.model, workspace=args.outputs), host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_config_arguments
 
@@ -111,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("app", help="the Gradio app: compare base | LoRA | DoRA, train, export")
+    p.add_argument("--model", default=None, help="base model: a local diffusers folder or cached hub id (default: the embedded tiny model)")
+    p.add_argument("--outputs", default="outputs", help="workspace folder: runs, uploads and exports; every path typed in the app stays inside it (default: outputs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.set_defaults(func=_app)
     return parser
 
 

@@ -43,7 +43,7 @@ class TrainConfig:
     center_crop: bool = _opt(False, "Center crop instead of random crop.", group="data")
     flip_p: float = _opt(0.5, "Probability of a horizontal flip per example.", group="data")
     # --- the adapter
-    method: str = _opt("dora", "Adapter: 'lora', 'dora' (magnitude + low-rank direction) or 'magnitude' (magnitude only).", choices=METHODS, group="adapter")
+    method: str = _opt("dora", "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) or 'dvora' (magnitude + VeRA direction).", choices=METHODS, group="adapter")
     rank: int = _opt(8, "Rank of the low-rank update.", group="adapter")
     alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank.", group="adapter")
     targets: str = _opt("attn", f"Layers to adapt: a preset ({', '.join(PRESETS)}) or comma-separated whole module names.", group="adapter")
@@ -119,7 +119,7 @@ class TrainConfig:
     def adapter_config(self) -> AdapterConfig:
         try:
             return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
-                                 dropout=self.dropout, norm_grad=self.norm_grad)
+                                 dropout=self.dropout, norm_grad=self.norm_grad, vera_seed=self.seed)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -20,7 +20,7 @@ import torch
 
 from .formats.diffusers import METADATA_KEY, AdapterFileError, components_of, load_adapter, read_adapter_file, save_adapter
 from .formats.kohya import save_kohya
-from .inject import merge_adapters
+from .inject import as_dora, merge_adapters
 
 FORMATS = ("diffusers", "kohya", "merged-folder", "merged-single")
 EMBEDDED_MODEL = "embedded-tiny-sdxl"  # what a run on the default model records as its base model
@@ -118,6 +118,8 @@ def export_adapter(adapter: str | os.PathLike, format: str, out: str | os.PathLi
     report = load_adapter(pipe, adapter)
     metadata = {"base_model": model or EMBEDDED_MODEL, "source": str(Path(adapter)), "probe": probe_outputs(pipe)}
     if format == "diffusers":
+        for module in components_of(pipe).values():
+            as_dora(module)  # DVoRA as the equal DoRA: a layout diffusers and PEFT read
         return save_adapter(pipe, out, metadata=metadata, overwrite=overwrite)
     if format == "kohya":
         return save_kohya(pipe, out, metadata=metadata, overwrite=overwrite)

@@ -16,9 +16,9 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import ADAPTER_CLASSES, AdapterLinear, DoRALinear, LoRALinear, MagnitudeLinear, adapter_modules
+from .layers import ADAPTER_CLASSES, AdapterLinear, DoRALinear, DVoRALinear, LoRALinear, MagnitudeLinear, adapter_modules
 
-METHODS = ("lora", "dora", "magnitude")
+METHODS = ("lora", "dora", "magnitude", "dvora")
 
 # Presets per component family. UNet names are diffusers'; CLIP names are transformers'.
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -43,7 +43,8 @@ class AdapterConfig:
     """What to adapt and how. Written next to every output it produced (``to_dict``)."""
 
     method: str = "dora"
-    """``lora``, ``dora`` (magnitude + LoRA direction) or ``magnitude`` (magnitude only, paper §5.6)."""
+    """``lora``, ``dora`` (magnitude + LoRA direction), ``magnitude`` (magnitude only, paper §5.6) or
+    ``dvora`` (magnitude + VeRA direction, paper §5.4)."""
     rank: int = 8
     """LoRA rank ``r`` of the directional update (ignored by ``magnitude``)."""
     alpha: float | None = None
@@ -54,6 +55,8 @@ class AdapterConfig:
     """Dropout on the adapter input (the base path is never dropped)."""
     norm_grad: str = "detach"
     """DoRA only: ``detach`` treats the row norm as a constant (paper §4.3), ``exact`` keeps its gradient (Eq. 6)."""
+    vera_seed: int = 0
+    """DVoRA only: seed of VeRA's frozen random matrices (stored in the adapter file)."""
     adapter_dtype: str | None = "float32"
     """dtype of the adapter parameters (``float32`` keeps them fp32 under a half-precision base); ``None``: the base's."""
 
@@ -131,12 +134,14 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def make_adapter(base: nn.Linear, config: AdapterConfig, name: str = "") -> AdapterLinear:
-    """Wrap one ``nn.Linear`` as ``config`` says; errors name the module."""
+def make_adapter(base: nn.Linear, config: AdapterConfig, name: str = "", shared: dict | None = None) -> AdapterLinear:
+    """Wrap one ``nn.Linear`` as ``config`` says; errors name the module. ``shared``: DVoRA's per-shape matrices."""
     cls = ADAPTER_CLASSES[config.method]
     kwargs = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "dtype": config.torch_adapter_dtype}
-    if cls is DoRALinear:
+    if config.method in ("dora", "dvora"):
         kwargs["norm_grad"] = config.norm_grad
+    if config.method == "dvora":
+        kwargs.update(seed=config.vera_seed, shared=shared if shared is not None else {})
     try:
         return cls(base, **kwargs)
     except ValueError as e:
@@ -173,7 +178,8 @@ def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: boo
                     f"{name}: rank must be in 1..{min(layer.in_features, layer.out_features)} for a "
                     f"Linear({layer.in_features}, {layer.out_features}), got {config.rank}"
                 )
-    adapters = {name: make_adapter(module.get_submodule(name), config, name) for name in names}
+    shared: dict = {}  # DVoRA: one frozen (A, B) pair per layer shape
+    adapters = {name: make_adapter(module.get_submodule(name), config, name, shared) for name in names}
     for p in module.parameters():
         p.requires_grad_(False)
     for name, adapter in adapters.items():
@@ -190,7 +196,8 @@ def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 # State dict: {f"{module_name}.{param}": tensor}, param in lora_A [r, in], lora_B [out, r], magnitude [out].
 ADAPTER_PARAMS = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"), "magnitude": ("magnitude",),
-                  "dora_in": ("lora_A", "lora_B", "magnitude")}  # dora_in: magnitude [in] (files from other tools)
+                  "dora_in": ("lora_A", "lora_B", "magnitude"),  # dora_in: magnitude [in] (files from other tools)
+                  "dvora": ("vera_d", "vera_b", "magnitude")}
 
 
 def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -255,6 +262,23 @@ def merge_adapters(module: nn.Module) -> list[str]:
     return names
 
 
+@torch.no_grad()
+def as_dora(module: nn.Module) -> list[str]:
+    """Replace every DVoRA adapter by the equal DoRA one (``A' = diag(d)·A``, ``B' = diag(b)·B``), so
+    that files in the diffusers and kohya formats hold it in a layout every DoRA loader reads."""
+    names = []
+    for name, a in list(adapter_modules(module)):
+        if isinstance(a, DVoRALinear):
+            d = DoRALinear(a.base, a.rank, a.alpha, dtype=a.vera_d.dtype, norm_grad=a.norm_grad)
+            d.lora_A.copy_(a.lora_A)
+            d.lora_B.copy_(a.lora_B)
+            d.magnitude.copy_(a.magnitude)
+            d.scale, d.enabled = a.scale, a.enabled
+            _set_submodule(module, name, d)
+            names.append(name)
+    return names
+
+
 def remove_adapters(module: nn.Module) -> list[str]:
     """Drop every adapter and put the original ``nn.Linear`` back (unmerging first)."""
     names = []
@@ -278,5 +302,5 @@ def adapter_summary(module: nn.Module) -> dict:
 __all__ = [
     "AdapterConfig", "AdapterError", "PRESETS", "add_adapters", "adapter_parameters", "adapter_state_dict",
     "check_state_dict", "find_targets", "load_adapter_state_dict", "merge_adapters", "name_matches",
-    "remove_adapters", "adapter_summary", "LoRALinear", "DoRALinear", "MagnitudeLinear",
+    "remove_adapters", "adapter_summary", "as_dora", "LoRALinear", "DoRALinear", "DVoRALinear", "MagnitudeLinear",
 ]

@@ -339,6 +339,80 @@ class DoRALinear(LoRALinear):
         return w - lora_delta(self.lora_A, self.lora_B, self.scaling)
 
 
+def vera_matrices(seed: int, out_features: int, in_features: int, rank: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's frozen random ``A: [r, in]`` and ``B: [out, r]`` for one layer shape, from ``seed``.
+
+    Kaiming-uniform like VeRA; the same (seed, shape, rank) always gives the same matrices (their
+    values are defined in fp32), so all layers of one shape share them and a file only needs the seed.
+    """
+    g = torch.Generator("cpu").manual_seed(int(seed) * 1_000_003 + out_features * 7_919 + in_features * 31 + rank)
+    a = (torch.rand(rank, in_features, generator=g, dtype=torch.float64) * 2 - 1) * math.sqrt(6.0 / in_features)
+    b = (torch.rand(out_features, rank, generator=g, dtype=torch.float64) * 2 - 1) * math.sqrt(6.0 / rank)
+    return a.to(dtype), b.to(dtype)
+
+
+class DVoRALinear(DoRALinear):
+    """DVoRA (paper §5.4): VeRA's direction under a DoRA magnitude.
+
+    ``ΔV = diag(b)·B·diag(d)·A`` with VeRA's frozen random ``A: [r, in]``, ``B: [out, r]`` (shared by all
+    layers of one shape, regenerated from a seed) and trainable ``d: [r]``, ``b: [out]``;
+    ``W' = m ⊙ (W0 + ΔV) / ‖W0 + ΔV‖_row``. It is DoRA with ``A' = diag(d)·A`` and ``B' = diag(b)·B``
+    (so the factored norm, the cache and the merge are the DoRA ones), and it exports as such.
+    """
+
+    method = "dvora"
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None, norm_grad: str = "detach", seed: int = 0,
+                 shared: dict | None = None) -> None:
+        AdapterLinear.__init__(self, base, rank, float(rank) if alpha is None else alpha, dropout)
+        max_rank = min(base.in_features, base.out_features)
+        if not 0 < rank <= max_rank:
+            raise ValueError(f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}")
+        if norm_grad not in ("detach", "exact"):
+            raise ValueError(f"norm_grad must be 'detach' or 'exact', got {norm_grad!r}")
+        self.norm_grad, self.seed = norm_grad, int(seed)
+        kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        key = (self.seed, base.out_features, base.in_features, rank)
+        pair = shared.get(key) if shared is not None else None
+        if pair is None:
+            pair = tuple(t.to(**kw) for t in vera_matrices(self.seed, base.out_features, base.in_features, rank))
+            if shared is not None:
+                shared[key] = pair
+        self.register_buffer("vera_A", pair[0], persistent=False)  # [r, in], frozen, shared per shape
+        self.register_buffer("vera_B", pair[1], persistent=False)  # [out, r]
+        self.vera_d = nn.Parameter(torch.full((rank,), 0.1, **kw))  # [r], VeRA's init
+        self.vera_b = nn.Parameter(torch.zeros(base.out_features, **kw))  # [out]: ΔV = 0 at init
+        self.register_buffer("w0_sq", squared_row_norm(base.weight), persistent=False)
+        self._w0_key = self._tensor_key(base.weight)
+        self.magnitude = nn.Parameter(self.w0_sq.sqrt().to(kw["dtype"]))
+        self._norm_cache = None
+
+    @property
+    def lora_A(self) -> torch.Tensor:  # A' = diag(d)·A  [r, in]
+        return self.vera_d.unsqueeze(1) * self.vera_A
+
+    @property
+    def lora_B(self) -> torch.Tensor:  # B' = diag(b)·B  [out, r]
+        return self.vera_b.unsqueeze(1) * self.vera_B
+
+    def weight_norm(self) -> torch.Tensor:
+        if self.norm_grad == "exact" or torch.compiler.is_compiling():
+            return super().weight_norm()
+        key = (self._w0_key, self._tensor_key(self.vera_d), self._tensor_key(self.vera_b), self.scaling)
+        w0_sq = self._w0_sq()
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                n = row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq)
+            self._norm_cache = (key, n)
+        return self._norm_cache[1]
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(x).to(self.vera_d.dtype)
+        h = F.linear(h, self.vera_A) * self.vera_d  # d ⊙ (A·x)
+        return (F.linear(h, self.vera_B) * self.vera_b * self.scaling).to(x.dtype)  # b ⊙ (B·…)
+
+
 def column_norm(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``‖W0 + scale·B·A‖`` per INPUT column (over the output axis), factored: ``[in]``.
 
@@ -414,6 +488,7 @@ ADAPTER_CLASSES: dict[str, type[AdapterLinear]] = {
     "dora": DoRALinear,
     "magnitude": MagnitudeLinear,
     "dora_in": DoRAInputAxisLinear,
+    "dvora": DVoRALinear,
 }
 
 

@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Tiny models: one thread is as fast, and immune to OpenMP oversubscription when the machine is
+# shared (seen here: 3x slower with 2 threads under load). Override with OMP_NUM_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import copy
 
@@ -10,6 +13,8 @@ import pytest
 import torch
 
 from dora_diffusion.layers import adapter_modules
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

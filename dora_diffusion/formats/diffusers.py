@@ -92,16 +92,20 @@ _LAYER_KEYS = {  # file suffix -> our parameter name; first match wins
     ".lora_B.weight": "lora_B",
     ".lora_magnitude_vector.weight": "magnitude",
     ".lora_magnitude_vector": "magnitude",
+    ".vera_lambda_d": "vera_d",
+    ".vera_lambda_b": "vera_b",
 }
 
 
 def _file_suffixes(component: str) -> dict[str, str]:
+    vera = {"vera_d": ".vera_lambda_d", "vera_b": ".vera_lambda_b"}  # DVoRA, compact: only we read these
     if component == "unet":
-        return {"lora_A": ".lora.down.weight", "lora_B": ".lora.up.weight", "magnitude": ".lora_magnitude_vector"}
+        return {"lora_A": ".lora.down.weight", "lora_B": ".lora.up.weight", "magnitude": ".lora_magnitude_vector", **vera}
     return {
         "lora_A": ".lora_linear_layer.down.weight",
         "lora_B": ".lora_linear_layer.up.weight",
         "magnitude": TE_MAGNITUDE_SUFFIX,
+        **vera,
     }
 
 
@@ -160,7 +164,9 @@ def diffusers_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, d
                 tensors[f"{comp}.{canon}{suffix[p]}"] = getattr(a, p).detach().to("cpu").contiguous().clone()
         rank = 1 if method == "magnitude" else _uniform([a.rank for _, a in mods], "ranks", comp)
         alpha = 1.0 if method == "magnitude" else _uniform([a.alpha for _, a in mods], "alphas", comp)
-        extra = {"norm_grad": mods[0][1].norm_grad} if method == "dora" else {}
+        extra = {"norm_grad": mods[0][1].norm_grad} if method in ("dora", "dvora") else {}
+        if method == "dvora":
+            extra["vera_seed"] = _uniform([a.seed for _, a in mods], "VeRA seeds", comp)
         summary[comp] = {"method": method, "rank": rank, "alpha": alpha, "layers": layers, **extra}
     if not tensors:
         raise AdapterError("nothing to save: no adapters found")
@@ -195,6 +201,8 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
     ours = {"format_version": FORMAT_VERSION, "magnitude_axis": "out", "components": summary, **dict(metadata or {})}
     diffusers_meta: dict[str, Any] = {}
     for comp, s in summary.items():
+        if s["method"] == "dvora":  # diffusers cannot read the compact DoRA-VeRA layout; export expands it
+            continue
         cfg = {"r": s["rank"], "lora_alpha": s["alpha"], "use_dora": s["method"] != "lora",
                "target_modules": _peft_targets(comp, s["layers"]), "init_lora_weights": True}
         diffusers_meta.update({f"{comp}.{k}": v for k, v in cfg.items()})
@@ -336,6 +344,7 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     planned: dict[tuple[str, str], AdapterLinear] = {}
     report = LoadReport(str(source), {}, {}, {}, {}, sorted(left), ours)
     problems: list[str] = []
+    vera_shared: dict = {}
     for (comp, name), spec in sorted(layers.items()):
         module = comps[comp]
         try:
@@ -350,7 +359,12 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
             continue
         p = spec.params
         declared = ours.get("components", {}).get(comp, {}).get("method")
-        if declared == "magnitude" or ("magnitude" in p and "lora_A" not in p and "lora_B" not in p):
+        if "vera_d" in p or "vera_b" in p:
+            method = "dvora"
+            if not {"vera_d", "vera_b", "magnitude"} <= set(p):
+                problems.append(f"{comp}.{name}: incomplete DVoRA layer (has {sorted(p)})")
+                continue
+        elif declared == "magnitude" or ("magnitude" in p and "lora_A" not in p and "lora_B" not in p):
             method = "magnitude"
         elif "lora_A" in p and "lora_B" in p:
             method = "dora" if "magnitude" in p else "lora"
@@ -359,19 +373,28 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
             continue
         out_f, in_f = target.weight.shape
         expect = {"magnitude": (out_f,)}
-        if method != "magnitude":
+        if method == "dvora":
+            r = p["vera_d"].shape[0]
+            expect.update({"vera_d": (r,), "vera_b": (out_f,)})
+        elif method != "magnitude":
             r = p["lora_A"].shape[0]
             expect.update({"lora_A": (r, in_f), "lora_B": (out_f, r)})
         bad = [f"{k} {tuple(p[k].shape)} != {v}" for k, v in expect.items() if k in p and tuple(p[k].shape) != v and not (k == "magnitude" and p[k].numel() == out_f)]
         if bad:
             problems.append(f"{comp}.{name}: " + "; ".join(bad))
             continue
-        rank = 0 if method == "magnitude" else p["lora_A"].shape[0]
+        rank = 0 if method == "magnitude" else r
         alpha = _alpha_from_metadata(meta, comp, ours)
         alpha = float(rank) if alpha is None or method == "magnitude" else alpha
-        kwargs: dict[str, Any] = {"rank": rank, "alpha": alpha, "dtype": p.get("lora_A", p.get("magnitude")).dtype}
-        if method == "dora":
-            kwargs["norm_grad"] = ours.get("components", {}).get(comp, {}).get("norm_grad", "detach")
+        kwargs: dict[str, Any] = {"rank": rank, "alpha": alpha, "dtype": p["magnitude" if method != "lora" else "lora_A"].dtype}
+        comp_meta = ours.get("components", {}).get(comp, {})
+        if method in ("dora", "dvora"):
+            kwargs["norm_grad"] = comp_meta.get("norm_grad", "detach")
+        if method == "dvora":
+            if "vera_seed" not in comp_meta:
+                problems.append(f"{comp}.{name}: DVoRA layer but the file records no VeRA seed")
+                continue
+            kwargs.update(seed=comp_meta["vera_seed"], shared=vera_shared)
         adapter = ADAPTER_CLASSES[method](target, **kwargs)
         with torch.no_grad():
             for param in ADAPTER_PARAMS[method]:

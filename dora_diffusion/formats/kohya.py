@@ -90,11 +90,11 @@ def kohya_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
                 out_f, in_f = a.base.weight.shape
                 down, up, alpha = torch.zeros(1, in_f), torch.zeros(out_f, 1), 1.0
             else:
-                down, up, alpha = a.lora_A.detach(), a.lora_B.detach(), a.alpha
+                down, up, alpha = a.lora_A.detach(), a.lora_B.detach(), a.alpha  # DVoRA: the expanded A', B' 
             tensors[f"{key}.lora_down.weight"] = down.float().cpu().contiguous().clone()
             tensors[f"{key}.lora_up.weight"] = up.float().cpu().contiguous().clone()
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
-            if a.method in ("dora", "magnitude"):
+            if a.method in ("dora", "magnitude", "dvora"):  # dvora: written as DoRA with A' = dA, B' = bB
                 tensors[f"{key}.dora_scale"] = a.magnitude.detach().float().cpu().reshape(-1, 1).clone()  # [out, 1]
             elif a.method == "dora_in":
                 tensors[f"{key}.dora_scale"] = a.magnitude.detach().float().cpu().reshape(1, -1).clone()  # [1, in]
@@ -116,7 +116,7 @@ def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any]
         raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
     tensors, summary = kohya_state_dict(obj)
     methods = {s["method"] for s in summary.values()}
-    dora = bool(methods & {"dora", "magnitude", "dora_in"})
+    dora = bool(methods & {"dora", "magnitude", "dora_in", "dvora"})
     first = next(iter(summary.values()))
     header = {
         "format": "pt",

@@ -1,0 +1,86 @@
+"""The Gradio app over HTTP: launched on localhost, driven with gradio_client like any API user."""
+
+import importlib.util
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_engine import write_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_app_module():
+    """``app/main.py`` as the CLI loads it (the app folder is not an installed package)."""
+    spec = importlib.util.spec_from_file_location("dora_diffusion_app", REPO / "app" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_components):
+    """The app on a free localhost port (in a thread), with a LoRA and a DoRA run in its workspace."""
+    from dora_diffusion.engine import Engine
+    from dora_diffusion.models import build_tiny_sdxl
+
+    model = build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+    ws = tmp_path_factory.mktemp("workspace")
+    write_adapter(tiny_components, ws / "demo" / "lora", "lora", seed=1)
+    write_adapter(tiny_components, ws / "demo" / "dora", "dora", seed=2)
+    engine = Engine(model=str(model), workspace=ws)
+    app = load_app_module().serve(engine, port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield app, engine
+    finally:
+        app.close()
+
+
+def test_build_app_loads_nothing(tmp_path, tiny_components):
+    """Building the UI reads the model's config only; the pipeline loads on the first generation."""
+    from dora_diffusion.engine import Engine
+    from dora_diffusion.models import build_tiny_sdxl
+
+    engine = Engine(model=str(build_tiny_sdxl(tmp_path / "tiny")), workspace=tmp_path / "ws")
+    load_app_module().build_app(engine)
+    assert engine.pipe_loads == 0 and engine._pipe is None
+
+
+def test_compare_endpoint_returns_three_images_and_repeats_with_the_seed(served):
+    from gradio_client import Client
+
+    app, engine = served
+    client = Client(app.local_url, verbose=False)
+    args = dict(prompt="a photo of sks toy", negative="", seed=7, steps=2, guidance=5.0, width=64, height=80,
+                lora="demo/lora", lora_scale=1.0, dora="demo/dora", dora_scale=1.0)
+    first = client.predict(*args.values(), api_name="/compare")
+    second = client.predict(*args.values(), api_name="/compare")
+    *images, status = first
+    assert len(images) == 3 and "Seed 7" in status
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    assert all(a.shape == (80, 64, 3) for a in arrays)
+    assert not np.array_equal(arrays[1], arrays[2])
+    for a, b in zip(images, second[:3]):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert engine.pipe_loads == 1
+
+
+def test_errors_come_back_as_messages(served):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    app, _ = served
+    client = Client(app.local_url, verbose=False)
+    with pytest.raises(AppError, match="outside the workspace"):
+        client.predict("a photo", "", 0, 2, 5.0, 64, 64, "../../etc", 1.0, "", 1.0, api_name="/compare")
+    with pytest.raises(AppError, match="multiple of 8"):
+        client.predict("a photo", "", 0, 2, 5.0, 68, 64, "", 1.0, "", 1.0, api_name="/compare")

@@ -1,0 +1,233 @@
+"""The app's engine on the tiny SDXL: one base load, adapters swapped in place, same seed same images,
+paths confined to the workspace, bad uploads refused, training in the background with a clean cancel."""
+
+import os
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import randomize_adapters
+from dora_diffusion import AdapterConfig, add_adapters, save_adapter
+from dora_diffusion.data import DataError
+from dora_diffusion.engine import Engine, EngineBusy, EngineError, TrainRequest
+from dora_diffusion.sampling import SampleSettings
+
+SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sks_toy"
+SMALL = SampleSettings("a photo of sks toy", seed=3, steps=2, guidance=5.0, width=64, height=72)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from dora_diffusion.models import build_tiny_sdxl
+
+    return str(build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl"))
+
+
+def write_adapter(tiny_components, folder: Path, method: str, seed: int) -> Path:
+    """A LoRA or DoRA adapter with random non-zero weights, saved as a run folder."""
+    import copy
+
+    unet = copy.deepcopy(tiny_components["unet"])
+    add_adapters(unet, AdapterConfig(method=method, rank=4, targets="attn"))
+    randomize_adapters(unet, seed=seed, std=0.3)
+    save_adapter({"unet": unet}, folder, metadata={"trained_steps": 10})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_components):
+    ws = tmp_path_factory.mktemp("workspace")
+    write_adapter(tiny_components, ws / "runs" / "lora", "lora", seed=1)
+    write_adapter(tiny_components, ws / "runs" / "deep" / "dora", "dora", seed=2)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model, workspace):
+    return Engine(model=tiny_model, workspace=workspace)
+
+
+def pixels(image):
+    return np.asarray(image.convert("RGB"))
+
+
+def test_compare_loads_the_base_once_and_swaps_adapters(engine, monkeypatch):
+    import dora_diffusion.models as models
+
+    loads = []
+    real = models.load_pipeline
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: loads.append(a) or real(*a, **k))
+    first = engine.compare(SMALL, lora="runs/lora", dora="runs/deep/dora", lora_scale=1.0, dora_scale=1.0)
+    unet = engine.pipe.unet
+    second = engine.compare(SMALL, lora="runs/lora", dora="runs/deep/dora")
+    assert len(loads) == 1 and engine.pipe_loads == 1 and engine.pipe.unet is unet
+    assert [g.label for g in first] == ["base", "LoRA", "DoRA"]
+    assert all(g.image.size == (64, 72) and g.seconds > 0 for g in first)
+    for a, b in zip(first, second):  # same seed: the same images
+        assert np.array_equal(pixels(a.image), pixels(b.image))
+    base, lora, dora = (pixels(g.image) for g in first)  # different adapters: different images
+    assert not np.array_equal(base, lora) and not np.array_equal(base, dora) and not np.array_equal(lora, dora)
+    # the pipeline is left as the base model: no adapter stays behind
+    from dora_diffusion.layers import adapter_modules
+
+    assert not list(adapter_modules(engine.pipe.unet))
+    base_only = engine.compare(SMALL)
+    assert len(base_only) == 1 and np.array_equal(pixels(base_only[0].image), base)
+
+
+def test_scale_zero_lora_is_the_base_and_other_seed_differs(engine):
+    base, lora = engine.compare(SMALL, lora="runs/lora", lora_scale=0.0)
+    assert np.array_equal(pixels(base.image), pixels(lora.image))
+    other = engine.compare(SampleSettings(**{**SMALL.__dict__, "seed": 4}))
+    assert not np.array_equal(pixels(other[0].image), pixels(base.image))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(width=100), "multiple of 8"),
+    (dict(height=2048), "64..1536"),
+    (dict(steps=0), "steps"),
+    (dict(guidance=99.0), "guidance"),
+    (dict(prompt="  "), "prompt"),
+])
+def test_bad_settings_are_refused(engine, settings, message):
+    with pytest.raises(EngineError, match=message):
+        engine.compare(SampleSettings(**{**SMALL.__dict__, **settings}))
+
+
+def test_runs_are_listed_and_preselected(engine, workspace):
+    runs = {r.name: r for r in engine.list_runs()}
+    assert set(runs) == {"runs/lora", "runs/deep/dora"}
+    assert runs["runs/lora"].method == "lora" and runs["runs/deep/dora"].method == "dora"
+    assert runs["runs/lora"].rank == 4 and "LoRA" in runs["runs/lora"].label
+    assert engine.default_runs() == ("runs/lora", "runs/deep/dora")
+
+
+def test_safe_path_keeps_paths_in_the_workspace(engine, workspace, tmp_path, monkeypatch):
+    assert engine.safe_path("runs/lora") == (workspace / "runs" / "lora").resolve()
+    assert engine.safe_path(str(workspace / "runs")) == (workspace / "runs").resolve()
+    monkeypatch.chdir(workspace.parent)  # a path spelled from the working directory, as the CLI user sees it
+    assert engine.safe_path(f"{workspace.name}/runs/lora", must_exist=True) == (workspace / "runs" / "lora").resolve()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (workspace / "link").symlink_to(outside)
+    for text in ("../x", "runs/../../x", "/etc/passwd", str(outside), "~", "link/x"):
+        with pytest.raises(EngineError, match="outside the workspace"):
+            engine.safe_path(text)
+    for text in ("", "   ", None):
+        with pytest.raises(EngineError, match="empty"):
+            engine.safe_path(text)
+    with pytest.raises(EngineError, match="does not exist"):
+        engine.safe_path("runs/nothing", must_exist=True)
+    with pytest.raises(EngineError, match="outside the workspace"):
+        engine.compare(SMALL, lora="../../etc")
+    with pytest.raises(EngineError, match="no .safetensors"):
+        engine.compare(SMALL, lora="runs")
+
+
+def test_uploads_are_checked_like_training_folders(engine, tmp_path):
+    good = [SAMPLE / "robot_01_wood_table.jpg", SAMPLE / "robot_04_grass.jpg", SAMPLE / "robot_04_grass.txt"]
+    junk = tmp_path / "notes.exe"
+    junk.write_bytes(b"MZ")
+    folder, summary = engine.save_uploads([*good, junk], resolution=64)
+    assert folder.parent == engine.workspace / "uploads"
+    assert sorted(p.name for p in folder.iterdir()) == ["robot_01_wood_table.jpg", "robot_04_grass.jpg", "robot_04_grass.txt"]
+    assert "2 image(s) used" in summary and "notes.exe" in summary
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    before = set((engine.workspace / "uploads").iterdir())
+    with pytest.raises(DataError, match="No usable images.*broken.png"):
+        engine.save_uploads([broken], resolution=64)
+    assert set((engine.workspace / "uploads").iterdir()) == before  # the failed folder is removed again
+    with pytest.raises(EngineError, match="no files"):
+        engine.save_uploads([])
+    with pytest.raises(EngineError, match="outside the workspace"):
+        engine.scan("/tmp")
+
+
+def test_training_runs_in_the_background_and_its_runs_appear(tiny_model, tmp_path):
+    engine = Engine(model=tiny_model, workspace=tmp_path / "ws")
+    folder, _ = engine.save_uploads(sorted(SAMPLE.glob("robot_0[1-3]*")), resolution=64)
+    job = engine.start_training(TrainRequest(
+        data=engine.relative(folder), prompt="a photo of sks toy", name="toy", method="dora", steps=2, resolution=64,
+        validation_steps=1, num_validation_images=1, validation_inference_steps=2, report_to="none"))
+    assert job.wait(120)
+    p = engine.training_progress()
+    assert p.state == "finished", p.message
+    assert [(m, s) for m, s, _ in p.losses] == [("dora", 1), ("dora", 2)] and p.step == 2 and p.its > 0
+    assert [c for _, c in p.validation] == ["dora · step 1", "dora · step 2"]
+    assert [r.name for r in engine.list_runs()] == ["toy/dora"]
+    with pytest.raises(EngineError, match="already exists"):  # nothing is overwritten
+        engine.train_configs(TrainRequest(data=engine.relative(folder), prompt="a photo of sks toy", name="toy"))
+
+
+def test_cancel_stops_cleanly_and_keeps_a_checkpoint(tiny_model, tmp_path):
+    engine = Engine(model=tiny_model, workspace=tmp_path / "ws")
+    folder, _ = engine.save_uploads(sorted(SAMPLE.glob("robot_0[1-3]*")), resolution=64)
+    request = TrainRequest(data=engine.relative(folder), prompt="a photo of sks toy", name="long", method="both",
+                           steps=5000, resolution=64, validation_steps=0, num_validation_images=1,
+                           validation_inference_steps=2, report_to="none")
+    job = engine.start_training(request)
+    with pytest.raises(EngineBusy, match="already going"):
+        engine.start_training(request)
+    deadline = time.time() + 120
+    while engine.training_progress().step < 1 and job.running and time.time() < deadline:
+        time.sleep(0.2)
+    with pytest.raises(EngineBusy, match="training run"):
+        engine.compare(SMALL)
+    assert engine.cancel_training()
+    assert job.wait(120)
+    p = engine.training_progress()
+    assert p.state == "cancelled" and "checkpoint kept" in p.message, p.message
+    step = job.results[0].steps
+    assert job.results[0].stopped and (tmp_path / "ws" / "long" / "lora" / "checkpoints" / f"checkpoint-{step}").is_dir()
+    assert not (tmp_path / "ws" / "long" / "dora").exists()  # 'both' stops before DoRA starts
+    assert not engine.training and not engine.cancel_training()
+    assert engine.compare(SMALL)  # the device is free again
+
+
+def test_training_requests_are_bounded(engine):
+    ok = dict(data="runs", prompt="a photo of sks toy")
+    for change, message in [(dict(rank=0), "rank"), (dict(steps=10**6), "steps"), (dict(learning_rate=0), "learning rate"),
+                            (dict(batch_size=99), "batch size"), (dict(method="full"), "method"),
+                            (dict(resolution=100), "resolution"), (dict(data="../x"), "outside the workspace"),
+                            (dict(name="../escape"), "outside the workspace"), (dict(name="uploads/x"), "own folders")]:
+        with pytest.raises(EngineError, match=message):
+            engine.train_configs(TrainRequest(**{**ok, **change}))
+
+
+def test_export_zips_folders_and_never_overwrites(engine, monkeypatch):
+    calls = []
+
+    def fake_export(adapter, format, out, *, model=None, dtype="float32"):
+        calls.append((Path(adapter).name, format, dtype))
+        out = Path(out)
+        if format == "merged-folder":
+            (out / "unet").mkdir(parents=True)
+            (out / "unet" / "weights.safetensors").write_bytes(b"x")
+            return out
+        out.write_bytes(b"y")
+        return out
+
+    monkeypatch.setitem(sys.modules, "dora_diffusion.export", types.SimpleNamespace(export_adapter=fake_export))
+    first = engine.export("runs/lora", "kohya", "float16")
+    second = engine.export("runs/lora", "kohya", "float16")
+    assert first.parent == engine.exports_dir and first != second and first.exists() and second.exists()
+    archive = engine.export("runs/deep/dora", "merged-folder")
+    import zipfile
+
+    assert archive.suffix == ".zip" and zipfile.ZipFile(archive).namelist() == [f"{archive.stem}/unet/weights.safetensors"]
+    assert calls[0] == ("lora", "kohya", "float16")
+    with pytest.raises(EngineError, match="format"):
+        engine.export("runs/lora", "ckpt")
+    with pytest.raises(EngineError, match="outside the workspace"):
+        engine.export("../..", "kohya")
+
+    monkeypatch.setitem(sys.modules, "dora_diffusion.export", None)  # an install without the export module
+    with pytest.raises(EngineError, match="Export is not available"):
+        engine.export("runs/lora", "kohya")
