@@ -9,7 +9,7 @@ from .config import TrainConfig
 
 def model_card(config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path) -> str:
     base = config.model or "tiny-sdxl (the embedded test model of dora-diffusion)"
-    method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only"}[config.method]
+    method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only", "dvora": "DVoRA (DoRA + VeRA)"}.get(config.method, config.method)
     shown = images[-config.num_validation_images:] if images else []
     gallery = "\n".join(f"![validation]({p.relative_to(output).as_posix()})" for p in shown)
     hub_base = config.model if config.model and not Path(config.model).exists() else None

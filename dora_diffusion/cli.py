@@ -15,6 +15,7 @@ EPILOG = """examples:
   dora-diffusion demo                                             # LoRA vs DoRA on the sample subject
   dora-diffusion export --adapter outputs/toy-dora --format kohya --out toy_dora.safetensors
   dora-diffusion verify --adapter toy_dora.safetensors
+  dora-diffusion analyze outputs/demo/lora outputs/demo/dora      # ΔD vs ΔM, as in the DoRA paper's Figure 2
 """
 
 
@@ -76,6 +77,31 @@ def _app(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+
+    summary = analyze(args.runs, args.out, model=args.model, layers=args.layers.split(",") if args.layers else None)
+    print(summary["text"])
+    for kind, path in summary["files"].items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, compare
+    from .config import ConfigError, config_from_args
+
+    train_cfg = config_from_args(args)
+    try:
+        ranks = [int(r) for r in args.ranks.split(",")]
+    except ValueError:
+        raise ConfigError(f"ranks: expected comma-separated integers, got {args.ranks!r}") from None
+    prompts = [p.strip() for p in args.validation_prompts.split("|")] if args.validation_prompts else []
+    compare(CompareConfig(train_cfg, methods=[m.strip() for m in args.methods.split(",")], ranks=ranks,
+                          validation_prompts=prompts, sample_steps=args.sample_steps, sample_size=args.sample_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import add_config_arguments
 
@@ -122,6 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error per component (default: 1e-4)")
     p.set_defaults(func=_verify)
 
+    p = sub.add_parser("compare", help="train several methods/ranks with identical settings; grid, analysis, table",
+                       description="Fair comparison: every (method, rank) trains with the same data order, seeds, steps "
+                       "and settings (all `train` options apply to every run). Writes grid.png (rows: validation prompts, "
+                       "columns: method x rank), analysis/decomposition.png and summary.md/json under --output.")
+    p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file of train options")
+    p.add_argument("--methods", default="lora,dora", help="comma-separated: lora, dora, magnitude, dvora (default: lora,dora)")
+    p.add_argument("--ranks", default="8", help="comma-separated ranks (default: 8)")
+    p.add_argument("--validation-prompts", default=None, help="grid rows, separated by '|' (default: the prompt and two variations)")
+    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the grid images")
+    p.add_argument("--sample-size", type=int, default=None, help="grid image size in pixels (default: the model's)")
+    add_config_arguments(p)
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("analyze", help="weight-decomposition analysis (DoRA paper §3.2): ΔD vs ΔM per layer and checkpoint")
+    p.add_argument("runs", nargs="+", help="run folders, checkpoint folders, adapter files or fine-tuned UNet folders")
+    p.add_argument("--out", default="outputs/analysis", help="folder for decomposition.png/.csv/.json (default: outputs/analysis)")
+    p.add_argument("--model", default=None, help="base model (default: the one each run recorded)")
+    p.add_argument("--layers", default=None, help="only these layers: comma-separated whole-name patterns, e.g. to_q")
+    p.set_defaults(func=_analyze)
+
     p = sub.add_parser("demo", help="train LoRA and DoRA on the sample subject and write a side-by-side grid")
     p.add_argument("--output", default="outputs/demo", help="folder of the demo (default: outputs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's)")
@@ -143,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .inject import AdapterError
+    from .analysis import AnalysisError
     from .formats import AdapterFileError
     from .models import ModelNotFoundError
 
@@ -150,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, AdapterError, AdapterFileError, ModelNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, AdapterError, AdapterFileError, AnalysisError, ModelNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

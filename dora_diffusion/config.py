@@ -30,6 +30,19 @@ class ConfigError(ValueError):
     """A bad training option; the message names the field."""
 
 
+def parse_policy(text: str | None) -> dict[str, str] | None:
+    """``"ff=magnitude, attn2.to_k=lora"`` -> ``{"ff": "magnitude", "attn2.to_k": "lora"}``."""
+    if not text:
+        return None
+    policy = {}
+    for part in text.split(","):
+        key, sep, method = part.partition("=")
+        if not sep or not key.strip() or not method.strip():
+            raise ConfigError(f"policy: expected GROUP=METHOD pairs separated by commas, got {part.strip()!r}")
+        policy[key.strip()] = method.strip()
+    return policy
+
+
 @dataclass
 class TrainConfig:
     """Everything a DreamBooth run depends on (with the seed, the run is reproducible)."""
@@ -47,6 +60,7 @@ class TrainConfig:
     rank: int = _opt(8, "Rank of the low-rank update.", group="adapter")
     alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank.", group="adapter")
     targets: str = _opt("attn", f"Layers to adapt: a preset ({', '.join(PRESETS)}) or comma-separated whole module names.", group="adapter")
+    policy: str | None = _opt(None, "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, magnitude only on feed-forward). Groups: attn, ff, or whole module names.", group="adapter")
     dropout: float = _opt(0.0, "Dropout on the adapter input.", group="adapter")
     norm_grad: str = _opt("detach", "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient.", choices=("detach", "exact"), group="adapter")
     train_text_encoder: bool = _opt(False, "Also put adapters on both text encoders and train them.", group="adapter")
@@ -119,7 +133,8 @@ class TrainConfig:
     def adapter_config(self) -> AdapterConfig:
         try:
             return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
-                                 dropout=self.dropout, norm_grad=self.norm_grad, vera_seed=self.seed)
+                                 dropout=self.dropout, norm_grad=self.norm_grad, vera_seed=self.seed,
+                                 policy=parse_policy(self.policy))
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

@@ -30,6 +30,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "attn+ff": UNET_ATTN + UNET_FF + CLIP_ATTN + CLIP_FF,
     "all-linear": ("*",),
 }
+# Group names a granularity policy may use.
+POLICY_GROUPS: dict[str, tuple[str, ...]] = {"attn": UNET_ATTN + CLIP_ATTN, "ff": UNET_FF + CLIP_FF}
 # Never adapted by `all-linear`: the text encoders' output projection (the "head").
 ALL_LINEAR_EXCLUDE = ("text_projection",)
 
@@ -55,6 +57,10 @@ class AdapterConfig:
     """Dropout on the adapter input (the base path is never dropped)."""
     norm_grad: str = "detach"
     """DoRA only: ``detach`` treats the row norm as a constant (paper §4.3), ``exact`` keeps its gradient (Eq. 6)."""
+    policy: Mapping[str, str] | None = None
+    """Tuning granularity (paper §5.6): a method per group of targets, e.g. ``{"ff": "magnitude"}`` (direction
+    and magnitude on attention, magnitude only on feed-forward). Keys: ``attn``, ``ff`` or whole-name
+    patterns; the first key that matches a layer wins; other targets use ``method``."""
     vera_seed: int = 0
     """DVoRA only: seed of VeRA's frozen random matrices (stored in the adapter file)."""
     adapter_dtype: str | None = "float32"
@@ -80,6 +86,13 @@ class AdapterConfig:
             self.targets = list(self.targets)
             if not self.targets:
                 raise AdapterError("targets: empty list")
+        if self.policy:
+            self.policy = dict(self.policy)
+            for key, m in self.policy.items():
+                if m not in METHODS:
+                    raise AdapterError(f"policy: method for {key!r} must be one of {', '.join(METHODS)}, got {m!r}")
+            if "dvora" in set(self.policy.values()) | {self.method} and len(set(self.policy.values()) | {self.method}) > 1:
+                raise AdapterError("policy: DVoRA cannot be mixed with other methods")
         if self.adapter_dtype is not None and not isinstance(getattr(torch, self.adapter_dtype, None), torch.dtype):
             raise AdapterError(f"adapter_dtype: not a torch dtype: {self.adapter_dtype!r}")
 
@@ -91,6 +104,14 @@ class AdapterConfig:
                 return list(PRESETS[self.targets])
             return [t.strip() for t in self.targets.split(",") if t.strip()]
         return list(self.targets)
+
+    def method_for(self, name: str) -> str:
+        """The method of the layer ``name`` under ``policy``."""
+        for key, method in (self.policy or {}).items():
+            patterns = POLICY_GROUPS.get(key, (key,))
+            if any(name_matches(name, p) for p in patterns):
+                return method
+        return self.method
 
     @property
     def torch_adapter_dtype(self) -> torch.dtype | None:
@@ -136,11 +157,12 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def make_adapter(base: nn.Linear, config: AdapterConfig, name: str = "", shared: dict | None = None) -> AdapterLinear:
     """Wrap one ``nn.Linear`` as ``config`` says; errors name the module. ``shared``: DVoRA's per-shape matrices."""
-    cls = ADAPTER_CLASSES[config.method]
+    method = config.method_for(name)
+    cls = ADAPTER_CLASSES[method]
     kwargs = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "dtype": config.torch_adapter_dtype}
-    if config.method in ("dora", "dvora"):
+    if method in ("dora", "dvora"):
         kwargs["norm_grad"] = config.norm_grad
-    if config.method == "dvora":
+    if method == "dvora":
         kwargs.update(seed=config.vera_seed, shared=shared if shared is not None else {})
     try:
         return cls(base, **kwargs)
@@ -170,8 +192,8 @@ def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: boo
                 if not any(name_matches(n, p) for n in all_linear):
                     raise AdapterError(f"targets: pattern {p!r} matched no nn.Linear in {type(module).__name__}")
     # Check every layer before changing anything: a failure leaves the module untouched.
-    if config.method != "magnitude":
-        for name in names:
+    for name in names:
+        if config.method_for(name) != "magnitude":
             layer = module.get_submodule(name)
             if config.rank > min(layer.in_features, layer.out_features):
                 raise AdapterError(
@@ -290,12 +312,18 @@ def remove_adapters(module: nn.Module) -> list[str]:
 
 
 def adapter_summary(module: nn.Module) -> dict:
-    """Counts for logs: layers adapted, trainable adapter parameters, method."""
+    """Counts for logs: layers adapted, trainable adapter parameters, and both per method."""
     mods = list(adapter_modules(module))
+    per: dict[str, dict[str, int]] = {}
+    for _, a in mods:
+        entry = per.setdefault(a.method, {"layers": 0, "trainable_parameters": 0})
+        entry["layers"] += 1
+        entry["trainable_parameters"] += sum(p.numel() for n, p in a.named_parameters() if not n.startswith("base."))
     return {
         "layers": len(mods),
         "trainable_parameters": sum(p.numel() for p in adapter_parameters(module)),
-        "methods": sorted({a.method for _, a in mods}),
+        "methods": sorted(per),
+        "per_method": per,
     }
 
 

@@ -399,6 +399,9 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
                                                       "num_processes": world}, indent=2))
         print(f"training {config.method} (rank {config.rank}, targets {config.targets!r}) on {len(dataset)} images: "
               f"{n_trainable:,} trainable parameters, {config.max_steps} steps")
+        for comp, m in modules.items():
+            for method, counts in adapter_summary(accelerator.unwrap_model(m))["per_method"].items():
+                print(f"  {comp}: {method} on {counts['layers']} layers, {counts['trainable_parameters']:,} parameters")
 
     # ---- the loop: one iteration = one optimizer step
     log_file = output / LOG_NAME

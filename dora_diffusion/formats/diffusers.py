@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,23 +151,32 @@ def diffusers_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, d
         for name, a in mods:
             if a.merged:
                 raise AdapterError(f"{comp}.{name}: adapter is merged; unmerge it before saving")
-        method = _uniform([a.method for _, a in mods], "methods", comp)
+        methods = {a.method for _, a in mods}
+        if len(methods) > 1 and methods != {"dora", "magnitude"}:
+            raise AdapterError(f"{comp}: methods {sorted(methods)} cannot share one diffusers file (PEFT's use_dora is "
+                               "per file); export to the kohya format instead")
+        method = "dora" if len(methods) > 1 else methods.pop()
         suffix = _file_suffixes(comp)
-        layers = []
+        layers, layer_methods = [], {}
         for name, a in mods:
             canon = canonical_name(comp, module, name)
             layers.append(canon)
-            if method == "magnitude":  # as DoRA with A = B = 0 (see module docstring)
+            if a.method != method:
+                layer_methods[canon] = a.method
+            if a.method == "magnitude":  # as DoRA with A = B = 0 (see module docstring)
                 w = a.base.weight
                 tensors[f"{comp}.{canon}{suffix['lora_A']}"] = torch.zeros(1, w.shape[1], dtype=a.magnitude.dtype)
                 tensors[f"{comp}.{canon}{suffix['lora_B']}"] = torch.zeros(w.shape[0], 1, dtype=a.magnitude.dtype)
-            for p in ADAPTER_PARAMS[method]:
+            for p in ADAPTER_PARAMS[a.method]:
                 tensors[f"{comp}.{canon}{suffix[p]}"] = getattr(a, p).detach().to("cpu").contiguous().clone()
-        rank = 1 if method == "magnitude" else _uniform([a.rank for _, a in mods], "ranks", comp)
-        alpha = 1.0 if method == "magnitude" else _uniform([a.alpha for _, a in mods], "alphas", comp)
+        directional = [a for _, a in mods if a.method != "magnitude"]
+        rank = _uniform([a.rank for a in directional], "ranks", comp) if directional else 1
+        alpha = _uniform([a.alpha for a in directional], "alphas", comp) if directional else 1.0
         extra = {"norm_grad": mods[0][1].norm_grad} if method in ("dora", "dvora") else {}
         if method == "dvora":
             extra["vera_seed"] = _uniform([a.seed for _, a in mods], "VeRA seeds", comp)
+        if layer_methods:
+            extra["layer_methods"] = layer_methods
         summary[comp] = {"method": method, "rank": rank, "alpha": alpha, "layers": layers, **extra}
     if not tensors:
         raise AdapterError("nothing to save: no adapters found")
@@ -205,6 +215,10 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
             continue
         cfg = {"r": s["rank"], "lora_alpha": s["alpha"], "use_dora": s["method"] != "lora",
                "target_modules": _peft_targets(comp, s["layers"]), "init_lora_weights": True}
+        magnitude_only = _peft_targets(comp, [n for n, m in s.get("layer_methods", {}).items() if m == "magnitude"])
+        if magnitude_only:  # written as rank-1 DoRA with A = B = 0: PEFT needs their rank and alpha
+            cfg["rank_pattern"] = {f"^(.*\\.)?{re.escape(n)}$": 1 for n in magnitude_only}
+            cfg["alpha_pattern"] = {f"^(.*\\.)?{re.escape(n)}$": 1 for n in magnitude_only}
         diffusers_meta.update({f"{comp}.{k}": v for k, v in cfg.items()})
     header = {
         "format": "pt",
@@ -358,7 +372,8 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
             problems.append(f"{comp}.{name}: is {type(target).__name__}, not Linear")
             continue
         p = spec.params
-        declared = ours.get("components", {}).get(comp, {}).get("method")
+        comp_decl = ours.get("components", {}).get(comp, {})
+        declared = comp_decl.get("layer_methods", {}).get(canonical_name(comp, module, name), comp_decl.get("method"))
         if "vera_d" in p or "vera_b" in p:
             method = "dvora"
             if not {"vera_d", "vera_b", "magnitude"} <= set(p):
