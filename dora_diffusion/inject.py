@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import ADAPTER_CLASSES, AdapterLinear, DoRALinear, DVoRALinear, LoRALinear, MagnitudeLinear, adapter_modules
+from .layers import RESIDUAL_TAILS, ADAPTER_CLASSES, AdapterLinear, DoRALinear, DVoRALinear, LoRALinear, MagnitudeLinear, adapter_modules
 
 METHODS = ("lora", "dora", "magnitude", "dvora")
 
@@ -205,6 +205,8 @@ def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: boo
     for p in module.parameters():
         p.requires_grad_(False)
     for name, adapter in adapters.items():
+        if isinstance(adapter, DoRALinear) and any(name_matches(name, t) for t in RESIDUAL_TAILS):
+            adapter.magnitude_grad = "recompute"
         _set_submodule(module, name, adapter)
     for _, adapter in adapter_modules(module):
         adapter.base.requires_grad_(False)

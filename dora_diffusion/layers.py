@@ -147,6 +147,40 @@ def _scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bi
     return _ScaleRows.apply(z, magnitude, norm, bias)
 
 
+class _ScaleRowsRecompute(torch.autograd.Function):
+    """``y = z ⊙ g + bias`` for layers whose output no later op saves (it feeds a residual add:
+    ``to_out.0``, ``ff.net.2``): saving ``y`` there would be an extra activation, so the magnitude's
+    gradient recomputes ``z = W0·x + s·B·A·x`` from ``x``, which LoRA's ``A`` path keeps anyway. One
+    extra base matmul in backward for these layers, no extra memory."""
+
+    @staticmethod
+    def forward(ctx, z, magnitude, norm, bias, x, w0, lora_a, lora_b, scale: float):
+        g = (acc(magnitude.detach()) / norm).to(z.dtype)
+        y = torch.addcmul(bias.to(z.dtype), z, g) if bias is not None else z * g
+        ctx.save_for_backward(x, w0, lora_a, lora_b, magnitude, norm, g)
+        ctx.scale = scale
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w0, lora_a, lora_b, magnitude, norm, g = ctx.saved_tensors
+        dz = dy * g if ctx.needs_input_grad[0] else None
+        dm = db = None
+        if ctx.needs_input_grad[1]:
+            with torch.no_grad():
+                h = x.to(lora_a.dtype)
+                z = F.linear(x, w0.to(x.dtype)) + (F.linear(F.linear(h, lora_a), lora_b) * ctx.scale).to(x.dtype)
+                dm = ((dy * z).reshape(-1, z.shape[-1]).sum(dim=0, dtype=norm.dtype) / norm).to(magnitude.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype)
+        return dz, dm, None, db, None, None, None, None, None
+
+
+# Layers whose output feeds a residual add, so no later op keeps it (see _ScaleRowsRecompute).
+RESIDUAL_TAILS = ("to_out.0", "ff.net.2", "out_proj", "fc2", "proj_out")
+
+
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
@@ -279,6 +313,9 @@ class DoRALinear(LoRALinear):
         if norm_grad not in ("detach", "exact"):
             raise ValueError(f"norm_grad must be 'detach' or 'exact', got {norm_grad!r}")
         self.norm_grad = norm_grad
+        # Where the magnitude's gradient comes from: the saved output (``output``: free when the next op
+        # keeps it) or recomputing z in backward (``recompute``: for residual tails). ``add_adapters`` sets it.
+        self.magnitude_grad = "output"
         # ‖W0‖² per row: fixed while W0 is; refreshed if W0 is changed in place or moved.
         self.register_buffer("w0_sq", squared_row_norm(base.weight), persistent=False)  # [out], fp32
         self._w0_key = self._tensor_key(base.weight)
@@ -323,6 +360,9 @@ class DoRALinear(LoRALinear):
             g = (acc(self.magnitude) / n).to(z.dtype)
             y = z * g
             return y + self.base.bias.to(y.dtype) if self.base.bias is not None else y
+        if self.magnitude_grad == "recompute" and isinstance(self.dropout, nn.Identity):
+            return _ScaleRowsRecompute.apply(z, self.magnitude, n, self.base.bias, x, self.base.weight,
+                                             self.lora_A, self.lora_B, self.scaling)
         return _scale_rows(z, self.magnitude, n, self.base.bias)
 
     def adapted_weight(self) -> torch.Tensor:
@@ -372,6 +412,7 @@ class DVoRALinear(DoRALinear):
         if norm_grad not in ("detach", "exact"):
             raise ValueError(f"norm_grad must be 'detach' or 'exact', got {norm_grad!r}")
         self.norm_grad, self.seed = norm_grad, int(seed)
+        self.magnitude_grad = "output"
         kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
         key = (self.seed, base.out_features, base.in_features, rank)
         pair = shared.get(key) if shared is not None else None
