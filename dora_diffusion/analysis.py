@@ -81,7 +81,7 @@ def delta_m(w: torch.Tensor, w0: torch.Tensor) -> float:
     m, m0 = _common(row_magnitudes(w), row_magnitudes(w0))
     if m.shape != m0.shape:
         raise ValueError(f"magnitudes of {tuple(w.shape)} and {tuple(w0.shape)} differ in length")
-    return float((m - m0).abs().mean())
+    return float((m - m0).abs().mean().detach())
 
 
 def direction_change(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:

@@ -269,6 +269,12 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
     output = prepare_output(config)
     resume_from = find_checkpoint(output, config.resume) if config.resume else None
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_world == 1:
+        # accelerate keeps its state per process: a second run in the same process (the app, `compare`)
+        # with other settings (mixed precision) would be refused. A single process can start afresh.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         # Launched as several processes (torchrun / `accelerate launch --multi_gpu`) on a machine without
         # CUDA: form a gloo process group on the CPU rather than run independent copies.

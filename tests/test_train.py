@@ -203,3 +203,43 @@ def test_corrupt_images_are_skipped_and_named(tiny_model, small_data, tmp_path):
     with pytest.warns(UserWarning, match="broken.jpg"):
         result = train(quick(tiny_model, str(data), tmp_path / "out", max_steps=1, num_validation_images=1))
     assert result.adapter_file.is_file()
+
+
+@pytest.mark.parametrize("options", [
+    {"snr_gamma": 5.0, "noise_offset": 0.05},
+    {"mixed_precision": "bf16", "gradient_checkpointing": True},
+    {"method": "magnitude", "cache_latents": False, "batch_size": 2},
+    {"method": "dvora", "policy": None, "lr_schedule": "cosine", "lr_warmup_steps": 1},
+    {"method": "dora", "policy": "ff=magnitude", "targets": "attn+ff", "train_text_encoder": True},
+], ids=["min-snr+offset", "bf16+checkpointing", "magnitude", "dvora", "policy+te"])
+def test_training_options_run_and_save(tiny_model, small_data, tmp_path, options):
+    result = train(quick(tiny_model, small_data, tmp_path / "run", max_steps=2, **options))
+    assert result.adapter_file.is_file() and result.final_loss == result.final_loss  # finite, not NaN
+    pipe_cfg = json.loads((tmp_path / "run" / "training_config.json").read_text())
+    assert all(pipe_cfg[k] == v for k, v in options.items())
+
+
+def test_v_prediction_target(tiny_components):
+    from diffusers import DDPMScheduler
+
+    from dora_diffusion.train import training_target
+
+    sched = DDPMScheduler.from_config({**tiny_components["scheduler"].config, "prediction_type": "v_prediction"})
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    v = training_target(sched, latents, noise, t)
+    a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(v, a * noise - s * latents)
+    eps = DDPMScheduler.from_config(tiny_components["scheduler"].config)
+    assert training_target(eps, latents, noise, t) is noise
+
+
+def test_prior_preservation_generates_class_images_once(tiny_model, small_data, tmp_path):
+    class_dir = tmp_path / "class"
+    kw = dict(class_prompt="a photo of a toy", class_data=str(class_dir), num_class_images=2, max_steps=2)
+    train(quick(tiny_model, small_data, tmp_path / "a", **kw))
+    made = sorted(class_dir.glob("*.png"))
+    assert [p.name for p in made] == ["class_00000.png", "class_00001.png"]
+    stamps = [p.stat().st_mtime_ns for p in made]
+    train(quick(tiny_model, small_data, tmp_path / "b", **kw))  # kept for later runs: nothing regenerated
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
