@@ -9,9 +9,8 @@ a module when it equals the name or a dotted suffix of it (``to_q`` matches
 from __future__ import annotations
 
 import fnmatch
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn

@@ -13,14 +13,12 @@ checkpoints. So N steps + resume + N steps gives exactly the adapter of 2N steps
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
 import shutil
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

@@ -1,6 +1,5 @@
 """Export and import: exact round trips for every format, other tools' DoRA layouts, verify, bad files."""
 
-import copy
 import json
 
 import pytest

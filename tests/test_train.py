@@ -16,7 +16,6 @@ from conftest import unet_inputs
 from dora_diffusion import AdapterConfig, add_adapters, adapter_parameters, load_adapter
 from dora_diffusion.cli import main
 from dora_diffusion.config import ConfigError, TrainConfig
-from dora_diffusion.data import DataError
 from dora_diffusion.train import batch_indices, diffusion_loss, encode_prompts, train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,7 +36,7 @@ from torch import nn
 from ..inject import AdapterError, ADAPTER_PARAMS, _set_submodule
 from ..layers import AdapterLinear, adapter_modules, set_adapter_scale
 from ..inject import remove_adapters
-from ..layers import ADAPTER_CLASSES, DoRALinear
+from ..layers import ADAPTER_CLASSES
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "dora_diffusion"
@@ -201,8 +201,6 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
     """
     if format != "diffusers":
         raise AdapterError(f"format: only 'diffusers' is written here, got {format!r}")
-    from safetensors.torch import save_file
-
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / WEIGHT_NAME
     if file.exists() and not overwrite:
@@ -225,11 +223,20 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
         METADATA_KEY: json.dumps(ours, sort_keys=True),
         DIFFUSERS_METADATA_KEY: json.dumps(diffusers_meta, indent=2, sort_keys=True),
     }
+    return save_safetensors_atomic(tensors, file, header)
+
+
+def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], file: Path, metadata: Mapping[str, str]) -> Path:
+    """Write a ``.safetensors`` file through a temporary sibling renamed into place: a failure or a
+    kill mid-write leaves what was at ``file`` intact."""
+    from safetensors.torch import save_file
+
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=file.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        save_file(dict(tensors), tmp, metadata=dict(metadata) or None)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an adapter file is meant to be shared
         os.replace(tmp, file)
     finally:
         if os.path.exists(tmp):

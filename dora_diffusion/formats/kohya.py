@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,6 +36,7 @@ from .diffusers import (
     LoadReport,
     canonical_name,
     components_of,
+    save_safetensors_atomic,
 )
 
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -107,8 +107,6 @@ def kohya_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write a kohya/LyCORIS ``.safetensors`` (atomic; an existing file is kept unless ``overwrite``)."""
-    from safetensors.torch import save_file
-
     file = Path(path)
     if file.suffix != ".safetensors":
         file = file / "adapter_kohya.safetensors"
@@ -129,16 +127,7 @@ def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any]
         METADATA_KEY: json.dumps({"format_version": 1, "layout": "kohya", "magnitude_axis": "in" if methods == {"dora_in"} else "out",
                                   "components": summary, **dict(metadata or {})}, sort_keys=True),
     }
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=file.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return file
+    return save_safetensors_atomic(tensors, file, header)
 
 
 # --------------------------------------------------------------------------------------------

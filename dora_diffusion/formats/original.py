@@ -36,7 +36,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -473,8 +472,6 @@ def save_original_sdxl(
     Written to a temporary file next to ``path`` and renamed into place, so a failure leaves any file
     already at ``path`` as it was. ``metadata`` values that are not strings are stored as JSON.
     """
-    from safetensors.torch import save_file
-
     target = Path(path).expanduser()
     if target.suffix != ".safetensors":
         raise OriginalFormatError(f"{target}: a single-file checkpoint is written as .safetensors only.")
@@ -484,14 +481,7 @@ def save_original_sdxl(
     state = {
         key: tensor.to("cpu").contiguous() for key, tensor in to_original_sdxl(pipe, dtype=dtype).items()
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        save_file(state, temp, metadata=header or None)
-        os.chmod(temp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    from .diffusers import save_safetensors_atomic
+
+    save_safetensors_atomic(state, target, header)
     return target
