@@ -71,7 +71,7 @@ def row_norm(
     b = acc(lora_b)
     if w0_sq is None:
         w0_sq = squared_row_norm(w0)
-    w0_at = F.linear(w0.to(a.dtype), a)  # W0·Aᵀ  [out, r]
+    w0_at = (a @ w0.to(a.dtype).T).T  # W0·Aᵀ  [out, r] (this order is the faster GEMM on CPU)
     gram = a @ a.T  # A·Aᵀ  [r, r]
     cross = (b * w0_at).sum(dim=1)  # ⟨B_i, (W0·Aᵀ)_i⟩  [out]
     quad = ((b @ gram) * b).sum(dim=1)  # B_i·(A·Aᵀ)·B_iᵀ  [out]
@@ -130,16 +130,21 @@ class _ScaleRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         y, magnitude, g, bias = ctx.saved_tensors
+        out = y.shape[-1]
         dz = dy * g if ctx.needs_input_grad[0] else None
         dm = db = None
+        need_sum_dy = bias is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3])
+        sum_dy = dy.reshape(-1, out).sum(dim=0, dtype=torch.float32 if dy.dtype != torch.float64 else None) if need_sum_dy else None
         if ctx.needs_input_grad[1]:
-            yb = y if bias is None else y - bias.to(y.dtype)  # = z ⊙ g
+            # Σ_t dy·(y − b) = Σ_t dy·y − b·Σ_t dy: no full-size y − b temporary.
             m = acc(magnitude.detach())
+            num = (dy.reshape(-1, out) * y.reshape(-1, out)).sum(dim=0, dtype=m.dtype)
+            if bias is not None:
+                num = num - acc(bias.detach()).to(m.dtype) * sum_dy.to(m.dtype)
             # An exactly-zero m_i loses its gradient here (y − b is 0 there); m starts at ‖W0_i‖ > 0.
-            safe_m = torch.where(m == 0, torch.ones_like(m), m)
-            dm = ((dy * yb).reshape(-1, y.shape[-1]).sum(dim=0, dtype=m.dtype) / safe_m).to(magnitude.dtype)
+            dm = (num / (m + (m == 0))).to(magnitude.dtype)
         if bias is not None and ctx.needs_input_grad[3]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(bias.dtype)
+            db = sum_dy.to(bias.dtype)
         return dz, dm, None, db
 
 
