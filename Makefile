@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast demo app bench bench-full clean
+.PHONY: setup test test-fast demo app screenshots bench bench-full clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test-fast: setup  ## everything but the tests marked slow
 
 demo: setup  ## build the tiny model, train LoRA and DoRA on the sample subject, write outputs/demo/
 	$(VENV)/bin/dora-diffusion demo --output outputs/demo --overwrite
+
+app: setup  ## the Gradio app on http://127.0.0.1:7860 (after `make demo`, its LoRA and DoRA are preselected)
+	$(VENV)/bin/dora-diffusion app --outputs outputs
+
+screenshots: setup  ## README screenshots of the app (needs chromium)
+	$(PY) app/screenshots.py --out docs/screenshots
 
 bench: setup  ## CPU benchmark: training step time and peak memory, medium SDXL-shaped UNet
 	$(PY) benchmarks/bench_adapters.py --size medium --out benchmarks/results/cpu-medium.json

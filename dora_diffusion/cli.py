@@ -13,6 +13,7 @@ EPILOG = """examples:
   dora-diffusion train --config run.toml --max-steps 800          # options override the file
   dora-diffusion train --output outputs/toy-dora --resume latest  # continue a run
   dora-diffusion demo                                             # LoRA vs DoRA on the sample subject
+  dora-diffusion app                                              # the Gradio app on 127.0.0.1:7860
   dora-diffusion export --adapter outputs/toy-dora --format kohya --out toy_dora.safetensors
   dora-diffusion verify --adapter toy_dora.safetensors
   dora-diffusion analyze outputs/demo/lora outputs/demo/dora      # ΔD vs ΔM, as in the DoRA paper's Figure 2

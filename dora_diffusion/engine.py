@@ -187,8 +187,9 @@ def _adapter_metadata(file: Path) -> dict:
 class TrainingJob:
     """One or two training runs in a background thread; ``cancel()`` stops after the current step."""
 
-    def __init__(self, configs: Sequence[TrainConfig], release: Any) -> None:
+    def __init__(self, configs: Sequence[TrainConfig], release: Any, workspace: Path | None = None) -> None:
         self.configs = list(configs)
+        self.workspace = workspace
         self.results: list[Any] = []
         self.error: str | None = None
         self.started = time.time()
@@ -223,6 +224,12 @@ class TrainingJob:
     def running(self) -> bool:
         return self.finished is None
 
+    def _shown(self, path: Path) -> str:
+        """``path`` relative to the workspace, as the app names runs."""
+        with contextlib.suppress(ValueError, TypeError):
+            return Path(path).resolve().relative_to(self.workspace).as_posix()
+        return str(path)
+
     def cancel(self) -> None:
         self._stop.set()
 
@@ -250,8 +257,9 @@ class TrainingJob:
             logs.append(rows)
             p.losses += [(config.method, int(r["step"]), float(r["loss"])) for r in rows if "loss" in r]
             for image in sorted((out / "validation").glob("step*.png")):
-                step = re.match(r"step(\d+)", image.name)
-                p.validation.append((image, f"{config.method} · step {int(step.group(1)) if step else '?'}"))
+                found = re.match(r"step(\d+)_seed(\d+)", image.name)
+                where = f"step {int(found.group(1))} · seed {found.group(2)}" if found else image.stem
+                p.validation.append((image, f"{config.method} · {where}"))
         # the run going on (or the one that failed), else the last one that ran
         done = len(self.results)
         index = max(0, min(done if self.running or self.error else done - 1, len(self.configs) - 1))
@@ -273,10 +281,10 @@ class TrainingJob:
             p.message = f"Training failed: {self.error}"
         elif p.state == "cancelled":
             stopped = [r for r in self.results if r.stopped]
-            where = f"; checkpoint kept at {stopped[-1].adapter_file}" if stopped else ""
+            where = f"; checkpoint kept at {self._shown(stopped[-1].adapter_file)}" if stopped else ""
             p.message = f"Cancelled at {name} step {p.step}{where}. Resume it with `dora-diffusion train ... --resume latest`."
         else:
-            p.message = "Finished: " + ", ".join(str(r.adapter_file.parent) for r in self.results)
+            p.message = "Finished: " + ", ".join(self._shown(r.adapter_file.parent) for r in self.results)
         return p
 
 
@@ -594,7 +602,7 @@ class Engine:
         if not self._device.acquire(blocking=False):
             raise EngineBusy("The device is generating images; start training again in a moment.")
         try:
-            self._job = TrainingJob(configs, release=self._device.release).start()
+            self._job = TrainingJob(configs, release=self._device.release, workspace=self.workspace).start()
         except BaseException:
             self._device.release()
             raise
@@ -626,12 +634,8 @@ class Engine:
         if dtype not in EXPORT_DTYPES:
             raise EngineError(f"dtype: one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
         adapter = self.adapter_path(run, what="run")
-        try:
-            from .export import export_adapter
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.export":
-                raise
-            raise EngineError("Export is not available: this version of dora_diffusion has no export module.") from None
+        from .export import export_adapter
+
         self.exports_dir.mkdir(parents=True, exist_ok=True)
         stem = _slug(self.relative(adapter))
         suffix = "" if format == "merged-folder" else ".safetensors"
@@ -646,3 +650,21 @@ class Engine:
                         z.write(file, Path(result.name) / file.relative_to(result))
             return archive
         return result
+
+    # ----------------------------------------------------------------------------------- analysis
+
+    def analyze(self, runs: Sequence[str]) -> tuple[Path, str]:
+        """The DoRA paper's weight-decomposition analysis (§3.2) of ``runs`` (workspace paths): ΔD vs ΔM
+        per layer and checkpoint. Writes ``analysis/<names>-<n>/decomposition.{png,csv,json}``; returns
+        the plot and a text summary."""
+        from .analysis import analyze
+
+        if not runs:
+            raise EngineError("Pick at least one run to analyze.")
+        paths = [self.adapter_path(r, what="run") for r in runs]
+        paths = [p.parent if p.is_file() else p for p in paths]
+        out = self._new_folder("analysis", "-".join(_slug(p.name) for p in paths)[:60] or "runs")
+        with self._on_device("analysis"):
+            summary = analyze([str(p) for p in paths], out, model=self.model)
+        return Path(summary["files"]["png"]), summary["text"]
+

@@ -560,7 +560,9 @@ def run_validation(accelerator, pipe, modules, text_encoders, config: TrainConfi
     paths = []
     for i, image in enumerate(images):
         path = folder / f"step{step:06d}_seed{config.seed + i}.png"
-        image.save(path)
+        tmp = folder / f".{path.name}.tmp"
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)  # readers (the app) never see a half-written image
         paths.append(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":

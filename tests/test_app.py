@@ -28,12 +28,18 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_components):
-    """The app on a free localhost port (in a thread), with a LoRA and a DoRA run in its workspace."""
-    from dora_diffusion.engine import Engine
+def tiny_model(tmp_path_factory):
     from dora_diffusion.models import build_tiny_sdxl
 
-    model = build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_components, tiny_model):
+    """The app on a free localhost port (in a thread), with a LoRA and a DoRA run in its workspace."""
+    from dora_diffusion.engine import Engine
+
+    model = tiny_model
     ws = tmp_path_factory.mktemp("workspace")
     write_adapter(tiny_components, ws / "demo" / "lora", "lora", seed=1)
     write_adapter(tiny_components, ws / "demo" / "dora", "dora", seed=2)
@@ -45,12 +51,11 @@ def served(tmp_path_factory, tiny_components):
         app.close()
 
 
-def test_build_app_loads_nothing(tmp_path, tiny_components):
+def test_build_app_loads_nothing(tmp_path, tiny_model):
     """Building the UI reads the model's config only; the pipeline loads on the first generation."""
     from dora_diffusion.engine import Engine
-    from dora_diffusion.models import build_tiny_sdxl
 
-    engine = Engine(model=str(build_tiny_sdxl(tmp_path / "tiny")), workspace=tmp_path / "ws")
+    engine = Engine(model=str(tiny_model), workspace=tmp_path / "ws")
     load_app_module().build_app(engine)
     assert engine.pipe_loads == 0 and engine._pipe is None
 
@@ -84,3 +89,18 @@ def test_errors_come_back_as_messages(served):
         client.predict("a photo", "", 0, 2, 5.0, 64, 64, "../../etc", 1.0, "", 1.0, api_name="/compare")
     with pytest.raises(AppError, match="multiple of 8"):
         client.predict("a photo", "", 0, 2, 5.0, 68, 64, "", 1.0, "", 1.0, api_name="/compare")
+
+
+def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkeypatch):
+    """``dora-diffusion app``: localhost by default, no share link unless asked, the workspace folder given."""
+    import gradio as gr
+
+    from dora_diffusion.cli import build_parser, main
+
+    args = build_parser().parse_args(["app"])
+    assert (args.host, args.port, args.share, args.outputs, args.model) == ("127.0.0.1", 7860, False, "outputs", None)
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    assert main(["app", "--model", str(tiny_model), "--outputs", str(tmp_path / "ws"), "--port", "7999", "--share"]) == 0
+    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999 and launched["share"] is True
+    assert launched["allowed_paths"] == [str((tmp_path / "ws" / "exports").resolve())]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import served  # noqa: F401  (the fixture: the app on a free localhost port)
+from test_app import served, tiny_model  # noqa: F401  (fixtures: the app on a free localhost port)
 
 pytestmark = pytest.mark.slow
 

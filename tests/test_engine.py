@@ -1,8 +1,6 @@
 """The app's engine on the tiny SDXL: one base load, adapters swapped in place, same seed same images,
 paths confined to the workspace, bad uploads refused, training in the background with a clean cancel."""
 
-import os
-import shutil
 import sys
 import time
 import types
@@ -160,7 +158,7 @@ def test_training_runs_in_the_background_and_its_runs_appear(tiny_model, tmp_pat
     p = engine.training_progress()
     assert p.state == "finished", p.message
     assert [(m, s) for m, s, _ in p.losses] == [("dora", 1), ("dora", 2)] and p.step == 2 and p.its > 0
-    assert [c for _, c in p.validation] == ["dora · step 1", "dora · step 2"]
+    assert [c for _, c in p.validation] == ["dora · step 1 · seed 0", "dora · step 2 · seed 0"]
     assert [r.name for r in engine.list_runs()] == ["toy/dora"]
     with pytest.raises(EngineError, match="already exists"):  # nothing is overwritten
         engine.train_configs(TrainRequest(data=engine.relative(folder), prompt="a photo of sks toy", name="toy"))
@@ -228,6 +226,13 @@ def test_export_zips_folders_and_never_overwrites(engine, monkeypatch):
     with pytest.raises(EngineError, match="outside the workspace"):
         engine.export("../..", "kohya")
 
-    monkeypatch.setitem(sys.modules, "dora_diffusion.export", None)  # an install without the export module
-    with pytest.raises(EngineError, match="Export is not available"):
-        engine.export("runs/lora", "kohya")
+
+
+def test_analysis_of_runs_in_the_workspace(engine, workspace):
+    png, text = engine.analyze(["runs/lora", "runs/deep/dora"])
+    assert png.is_file() and png.resolve().is_relative_to(workspace.resolve())
+    assert png.with_suffix(".csv").is_file() and "Pearson r" in text
+    with pytest.raises(EngineError):
+        engine.analyze(["../elsewhere"])
+    with pytest.raises(EngineError, match="at least one"):
+        engine.analyze([])
