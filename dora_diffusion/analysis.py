@@ -671,10 +671,12 @@ def plot_decomposition(result: AnalysisResult, path: str | os.PathLike) -> Path:
     if not runs:
         raise AnalysisError("nothing to plot: the analysis has no rows")
     fits = result.fits_by_run()
-    fig = Figure(figsize=(4.4 * len(runs), 4.0), layout="constrained")
+    cols = min(4, len(runs))  # wrap into rows of at most four panels
+    rows_n = -(-len(runs) // cols)
+    fig = Figure(figsize=(4.4 * cols, 4.0 * rows_n), layout="constrained")
     FigureCanvasAgg(fig)
     for i, run in enumerate(runs):
-        ax = fig.add_subplot(1, len(runs), i + 1)
+        ax = fig.add_subplot(rows_n, cols, i + 1)
         steps = result.steps(run)
         colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(steps)))
         for step, colour in zip(steps, colours):
