@@ -71,12 +71,11 @@ def row_norm(
     b = acc(lora_b)
     if w0_sq is None:
         w0_sq = squared_row_norm(w0)
+    # 2s·⟨B_i, (W0·Aᵀ)_i⟩ + s²·B_i·G·B_iᵀ = 2s·⟨B_i, (W0·Aᵀ + (s/2)·B·G)_i⟩ with G = A·Aᵀ: one addmm
     w0_at = (a @ w0.to(a.dtype).T).T  # W0·Aᵀ  [out, r] (this order is the faster GEMM on CPU)
-    gram = a @ a.T  # A·Aᵀ  [r, r]
-    cross = (b * w0_at).sum(dim=1)  # ⟨B_i, (W0·Aᵀ)_i⟩  [out]
-    quad = ((b @ gram) * b).sum(dim=1)  # B_i·(A·Aᵀ)·B_iᵀ  [out]
-    n_sq = w0_sq + 2.0 * scale * cross + (scale * scale) * quad
-    return n_sq.clamp_min(EPS).sqrt()
+    p = torch.addmm(w0_at, b, a @ a.T, alpha=scale / 2)  # [out, r]
+    n_sq = torch.add(w0_sq, (b * p).sum(dim=1), alpha=2.0 * scale)  # [out]
+    return n_sq.clamp_min_(EPS).sqrt_()
 
 
 def dense_row_norm(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -133,16 +132,16 @@ class _ScaleRows(torch.autograd.Function):
         out = y.shape[-1]
         dz = dy * g if ctx.needs_input_grad[0] else None
         dm = db = None
-        need_sum_dy = bias is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3])
-        sum_dy = dy.reshape(-1, out).sum(dim=0, dtype=torch.float32 if dy.dtype != torch.float64 else None) if need_sum_dy else None
+        dy2 = dy.reshape(-1, out)
+        sum_dy = dy2.sum(dim=0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32) if bias is not None else None
         if ctx.needs_input_grad[1]:
             # Σ_t dy·(y − b) = Σ_t dy·y − b·Σ_t dy: no full-size y − b temporary.
             m = acc(magnitude.detach())
-            num = (dy.reshape(-1, out) * y.reshape(-1, out)).sum(dim=0, dtype=m.dtype)
+            num = (dy2 * y.reshape(-1, out)).sum(dim=0, dtype=m.dtype)
             if bias is not None:
-                num = num - acc(bias.detach()).to(m.dtype) * sum_dy.to(m.dtype)
+                num = torch.addcmul(num, acc(bias.detach()), sum_dy, value=-1)
             # An exactly-zero m_i loses its gradient here (y − b is 0 there); m starts at ‖W0_i‖ > 0.
-            dm = (num / (m + (m == 0))).to(magnitude.dtype)
+            dm = (num / torch.where(m == 0, 1.0, m)).to(magnitude.dtype)
         if bias is not None and ctx.needs_input_grad[3]:
             db = sum_dy.to(bias.dtype)
         return dz, dm, None, db
