@@ -60,6 +60,10 @@ class AdapterConfig:
     """Tuning granularity (paper §5.6): a method per group of targets, e.g. ``{"ff": "magnitude"}`` (direction
     and magnitude on attention, magnitude only on feed-forward). Keys: ``attn``, ``ff`` or whole-name
     patterns; the first key that matches a layer wins; other targets use ``method``."""
+    memory_saving: bool = True
+    """DoRA: for layers whose output only feeds a residual add (``to_out.0``, ``ff.net.2``, ...), recompute
+    their output in backward for the magnitude's gradient instead of keeping it: no activation beyond
+    LoRA's (measured on CPU medium: +0.1% against +6.6%), for about 3% more step time."""
     vera_seed: int = 0
     """DVoRA only: seed of VeRA's frozen random matrices (stored in the adapter file)."""
     adapter_dtype: str | None = "float32"
@@ -204,7 +208,7 @@ def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: boo
     for p in module.parameters():
         p.requires_grad_(False)
     for name, adapter in adapters.items():
-        if isinstance(adapter, DoRALinear) and any(name_matches(name, t) for t in RESIDUAL_TAILS):
+        if config.memory_saving and isinstance(adapter, DoRALinear) and any(name_matches(name, t) for t in RESIDUAL_TAILS):
             adapter.magnitude_grad = "recompute"
         _set_submodule(module, name, adapter)
     for _, adapter in adapter_modules(module):

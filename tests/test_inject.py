@@ -235,3 +235,9 @@ def test_granularity_policy(tiny_components, tmp_path):
         torch.testing.assert_close(theirs.unet(**inputs).sample, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(AdapterError, match="policy"):
         AdapterConfig(policy={"ff": "vera"})
+
+
+def test_memory_saving_can_be_turned_off(tiny_components):
+    unet = copy.deepcopy(tiny_components["unet"])
+    add_adapters(unet, AdapterConfig(method="dora", targets="attn", memory_saving=False))
+    assert {a.magnitude_grad for _, a in adapter_modules(unet)} == {"output"}
