@@ -4,7 +4,7 @@
 
 In a workspace (default: a temporary one): trains a short LoRA and DoRA on the sample subject
 (``demo/lora``, ``demo/dora``) unless they are there, serves the app, then per tab: Compare after a
-generation, Train after a short run started from the UI, Export after an export. PNGs over 300 KB
+generation, Train after a short run started from the UI, Export after an export, Analysis of the demo's runs. PNGs over 300 KB
 are palette-quantised.
 """
 
@@ -115,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                 page.wait_for_function("document.body.innerText.includes('MB)')", timeout=300_000)
                 time.sleep(1)
                 save_small(page.screenshot(full_page=True), out / "export.png")
+
+                # Analysis: the weight-decomposition plot of the demo's LoRA and DoRA
+                page.get_by_role("tab", name="Analysis").click()
+                page.locator("#analyze").click()
+                page.wait_for_function("document.body.innerText.includes('Pearson r')", timeout=300_000)
+                time.sleep(1)
+                save_small(page.screenshot(full_page=True), out / "analysis.png")
                 browser.close()
         finally:
             app.close()

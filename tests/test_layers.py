@@ -138,7 +138,7 @@ def test_dora_magnitude_is_per_output_row():
     torch.testing.assert_close(torch.cat([y[:, :3], y[:, 4:]], 1), torch.cat([y0[:, :3], y0[:, 4:]], 1))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same examples in every CI run
 @given(
     out_f=st.integers(1, 48),
     in_f=st.integers(1, 48),
@@ -159,7 +159,8 @@ def test_factored_norm_equals_dense(out_f, in_f, rank, scale, dtype, seed):
     # (‖W0_i‖ + |s|·Σ_k |B_ik|·‖A_k‖)² bounds every term of the sum (triangle inequality).
     spread = abs(scale) * (b.double().abs() @ a.double().norm(dim=1))  # [out]
     ref_sq = (w0.double().norm(dim=1) + spread) ** 2
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    # fp32 summation over up to 48 terms: worst case ~48·6e-8 ≈ 3e-6; a wrong axis or formula is O(1).
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
     err = (factored.double() ** 2 - dense.double() ** 2).abs()
     assert torch.all(err <= tol * (ref_sq + 1)), (factored, dense)
 
