@@ -110,6 +110,14 @@ def merged_weight(
     return w
 
 
+def scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, g)`` with ``g = m / n`` (in ``z``'s dtype) and ``y = z ⊙ g + bias``: DoRA's output from
+    ``z = W0·x + s·B·A·x``. The autograd Functions below and the no-grad paths all call this."""
+    g = (acc(magnitude.detach()) / norm).to(z.dtype)  # [out]
+    y = torch.addcmul(bias.to(z.dtype), z, g) if bias is not None else z * g
+    return y, g
+
+
 class _ScaleRows(torch.autograd.Function):
     """``y = z ⊙ g + bias`` with ``g = m / n`` per output feature, saving its OUTPUT instead of ``z``.
 
@@ -121,8 +129,7 @@ class _ScaleRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None):
-        g = (acc(magnitude.detach()) / norm).to(z.dtype)  # [out]
-        y = torch.addcmul(bias.to(z.dtype), z, g) if bias is not None else z * g
+        y, g = scale_rows(z, magnitude, norm, bias)
         ctx.save_for_backward(y, magnitude, g, bias)
         return y
 
@@ -159,8 +166,7 @@ class _ScaleRowsRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, magnitude, norm, bias, x, w0, lora_a, lora_b, scale: float):
-        g = (acc(magnitude.detach()) / norm).to(z.dtype)
-        y = torch.addcmul(bias.to(z.dtype), z, g) if bias is not None else z * g
+        y, g = scale_rows(z, magnitude, norm, bias)
         ctx.save_for_backward(x, w0, lora_a, lora_b, magnitude, norm, g)
         ctx.scale = scale
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -179,6 +185,30 @@ class _ScaleRowsRecompute(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             db = dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype)
         return dz, dm, None, db, None, None, None, None, None
+
+
+class NormCache:
+    """A value computed under ``no_grad`` and kept until one of the tensors it came from changes
+    (identity, in-place version counter, device, dtype) or an extra key (the scale) does: DoRA's norm
+    once per optimizer step, also under gradient accumulation and checkpointing, and once at inference."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+
+    def get(self, tensors, extra: tuple, compute) -> torch.Tensor:
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors) + extra
+        if key != self.key:
+            with torch.no_grad():
+                self.value = compute()
+            self.key = key
+        return self.value
+
+
+def _check_rank(base: nn.Linear, rank: int) -> None:
+    max_rank = min(base.in_features, base.out_features)
+    if not 0 < rank <= max_rank:
+        raise ValueError(f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}")
 
 
 # Layers whose output feeds a residual add, so no later op keeps it (see _ScaleRowsRecompute).
@@ -280,9 +310,7 @@ class LoRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(base, rank, rank if alpha is None else alpha, dropout)
-        max_rank = min(base.in_features, base.out_features)
-        if not 0 < rank <= max_rank:
-            raise ValueError(f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}")
+        _check_rank(base, rank)
         kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # [out, r]
@@ -314,6 +342,10 @@ class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  dtype: torch.dtype | None = None, norm_grad: str = "detach") -> None:
         super().__init__(base, rank, alpha, dropout, dtype)
+        self._init_magnitude(base, dtype, norm_grad)
+
+    def _init_magnitude(self, base: nn.Linear, dtype: torch.dtype | None, norm_grad: str) -> None:
+        """``m = ‖W0‖_row`` and the norm's state (shared with DVoRA)."""
         if norm_grad not in ("detach", "exact"):
             raise ValueError(f"norm_grad must be 'detach' or 'exact', got {norm_grad!r}")
         self.norm_grad = norm_grad
@@ -321,23 +353,19 @@ class DoRALinear(LoRALinear):
         # keeps it) or recomputing z in backward (``recompute``: for residual tails). ``add_adapters`` sets it.
         self.magnitude_grad = "output"
         # ‖W0‖² per row: fixed while W0 is; refreshed if W0 is changed in place or moved.
-        self.register_buffer("w0_sq", squared_row_norm(base.weight), persistent=False)  # [out], fp32
-        self._w0_key = self._tensor_key(base.weight)
-        self.magnitude = nn.Parameter(  # m: [out], one per OUTPUT row
-            self.w0_sq.sqrt().to(dtype or base.weight.dtype)
-        )
-        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+        w0_sq = squared_row_norm(base.weight)
+        self.register_buffer("w0_sq", w0_sq, persistent=False)  # [out], fp32
+        self._w0_cache = NormCache()
+        self._w0_cache.get((base.weight,), (), lambda: w0_sq)
+        self._norm_cache = NormCache()
+        self.magnitude = nn.Parameter(self.w0_sq.sqrt().to(dtype or base.weight.dtype))  # m: [out], per OUTPUT row
 
-    @staticmethod
-    def _tensor_key(t: torch.Tensor) -> tuple:
-        return (t.data_ptr(), t._version, t.device, t.dtype)
+    def _direction_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The trainable tensors the direction comes from (what the norm cache is keyed on)."""
+        return (self.lora_A, self.lora_B)
 
     def _w0_sq(self) -> torch.Tensor:
-        key = self._tensor_key(self.base.weight)
-        if key != self._w0_key or self.w0_sq.device != self.base.weight.device:
-            with torch.no_grad():
-                self.w0_sq = squared_row_norm(self.base.weight)
-            self._w0_key = key
+        self.w0_sq = self._w0_cache.get((self.base.weight,), (), lambda: squared_row_norm(self.base.weight))
         return self.w0_sq
 
     def weight_norm(self) -> torch.Tensor:
@@ -347,23 +375,20 @@ class DoRALinear(LoRALinear):
             # compiled graph. The factored norm is cheap ([out, in]·[in, r]); W0 is frozen there.
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.norm_grad == "exact"):
                 return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.w0_sq)
-        if self.norm_grad == "exact":
-            return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self._w0_sq())
         w0_sq = self._w0_sq()
-        key = (self._w0_key, self._tensor_key(self.lora_A), self._tensor_key(self.lora_B), self.scaling)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                n = row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq)
-            self._norm_cache = (key, n)
-        return self._norm_cache[1]
+        if self.norm_grad == "exact":
+            return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq)
+        return self._norm_cache.get((self.base.weight, *self._direction_tensors()), (self.scaling,),
+                                    lambda: row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq))
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.base.weight) + self.lora_forward(x)  # W0·x + s·B·A·x, one base matmul
         n = self.weight_norm()
-        if self.norm_grad == "exact" or not torch.is_grad_enabled():
+        if self.norm_grad == "exact":  # gradient through m / n by autograd (paper Eq. 6)
             g = (acc(self.magnitude) / n).to(z.dtype)
-            y = z * g
-            return y + self.base.bias.to(y.dtype) if self.base.bias is not None else y
+            return z * g + self.base.bias.to(z.dtype) if self.base.bias is not None else z * g
+        if not torch.is_grad_enabled():
+            return scale_rows(z, self.magnitude, n, self.base.bias)[0]
         if self.magnitude_grad == "recompute" and isinstance(self.dropout, nn.Identity):
             return _ScaleRowsRecompute.apply(z, self.magnitude, n, self.base.bias, x, self.base.weight,
                                              self.lora_A, self.lora_B, self.scaling)
@@ -410,13 +435,8 @@ class DVoRALinear(DoRALinear):
                  dtype: torch.dtype | None = None, norm_grad: str = "detach", seed: int = 0,
                  shared: dict | None = None) -> None:
         AdapterLinear.__init__(self, base, rank, float(rank) if alpha is None else alpha, dropout)
-        max_rank = min(base.in_features, base.out_features)
-        if not 0 < rank <= max_rank:
-            raise ValueError(f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}")
-        if norm_grad not in ("detach", "exact"):
-            raise ValueError(f"norm_grad must be 'detach' or 'exact', got {norm_grad!r}")
-        self.norm_grad, self.seed = norm_grad, int(seed)
-        self.magnitude_grad = "output"
+        _check_rank(base, rank)
+        self.seed = int(seed)
         kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
         key = (self.seed, base.out_features, base.in_features, rank)
         pair = shared.get(key) if shared is not None else None
@@ -428,10 +448,10 @@ class DVoRALinear(DoRALinear):
         self.register_buffer("vera_B", pair[1], persistent=False)  # [out, r]
         self.vera_d = nn.Parameter(torch.full((rank,), 0.1, **kw))  # [r], VeRA's init
         self.vera_b = nn.Parameter(torch.zeros(base.out_features, **kw))  # [out]: ΔV = 0 at init
-        self.register_buffer("w0_sq", squared_row_norm(base.weight), persistent=False)
-        self._w0_key = self._tensor_key(base.weight)
-        self.magnitude = nn.Parameter(self.w0_sq.sqrt().to(kw["dtype"]))
-        self._norm_cache = None
+        self._init_magnitude(base, dtype, norm_grad)
+
+    def _direction_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.vera_d, self.vera_b)
 
     @property
     def lora_A(self) -> torch.Tensor:  # A' = diag(d)·A  [r, in]
@@ -440,17 +460,6 @@ class DVoRALinear(DoRALinear):
     @property
     def lora_B(self) -> torch.Tensor:  # B' = diag(b)·B  [out, r]
         return self.vera_b.unsqueeze(1) * self.vera_B
-
-    def weight_norm(self) -> torch.Tensor:
-        if self.norm_grad == "exact" or torch.compiler.is_compiling():
-            return super().weight_norm()
-        key = (self._w0_key, self._tensor_key(self.vera_d), self._tensor_key(self.vera_b), self.scaling)
-        w0_sq = self._w0_sq()
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.no_grad():
-                n = row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq)
-            self._norm_cache = (key, n)
-        return self._norm_cache[1]
 
     def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(x).to(self.vera_d.dtype)
@@ -482,10 +491,12 @@ class DoRAInputAxisLinear(LoRALinear):
         super().__init__(base, rank, alpha, dropout, dtype)
         w = acc(base.weight)
         self.magnitude = nn.Parameter(torch.linalg.vector_norm(w, dim=0).to(dtype or base.weight.dtype))  # [in]
+        self._norm_cache = NormCache()
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # detached norm, as in the row case (paper §4.3)
-            n = column_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling).clamp_min(math.sqrt(EPS))
+        # detached and cached, as in the row case (paper §4.3)
+        n = self._norm_cache.get((self.base.weight, self.lora_A, self.lora_B), (self.scaling,),
+                                 lambda: column_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling).clamp_min(math.sqrt(EPS)))
         xs = x * (acc(self.magnitude) / n).to(x.dtype)  # g ⊙ x
         return self.base(xs) + self.lora_forward(xs)
 
@@ -517,8 +528,7 @@ class MagnitudeLinear(AdapterLinear):
         z = F.linear(x, self.base.weight)
         n = self.w0_norm.clamp_min(math.sqrt(EPS))
         if not torch.is_grad_enabled():
-            y = z * (acc(self.magnitude) / n).to(z.dtype)
-            return y + self.base.bias.to(y.dtype) if self.base.bias is not None else y
+            return scale_rows(z, self.magnitude, n, self.base.bias)[0]
         return _scale_rows(z, self.magnitude, n, self.base.bias)
 
     def adapted_weight(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ checkpoints. So N steps + resume + N steps gives exactly the adapter of 2N steps
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -352,22 +353,22 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
             noise = torch.randn(dist.mean.shape, generator=generator).to(device)
             return (dist.mean + dist.std * noise) * vae.config.scaling_factor
 
-    latent_cache: dict[tuple[str, int], tuple[torch.Tensor, dict]] = {}
+    # (latent, prompt, time ids) per image: the pixels are not kept once encoded
+    latent_cache: dict[tuple[str, int], tuple[torch.Tensor, str, torch.Tensor]] = {}
     if config.cache_latents:
         for tag, ds in (("instance", dataset), ("class", class_dataset)):
             for i in range(len(ds) if ds is not None else 0):
-                ex = ds.example(i, 0)
-                latent_cache[(tag, i)] = (encode_images(ex["pixel_values"][None], seeded_generator(config.seed, 2, i, tag == "class"))[0].cpu(), ex)
+                b = collate_examples([ds.example(i, 0)])
+                latent = encode_images(b["pixel_values"], seeded_generator(config.seed, 2, i, tag == "class"))[0].cpu()
+                latent_cache[(tag, i)] = (latent, b["prompts"][0], b["add_time_ids"][0])
 
     def make_batch(tag: str, ds, picks: list[tuple[int, int]], gen: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         if config.cache_latents:
             entries = [latent_cache[(tag, i)] for i, _ in picks]
-            latents = torch.stack([lat for lat, _ in entries]).to(device)
-            batch = collate_examples([ex for _, ex in entries])
-        else:
-            batch = collate_examples([ds.example(i, epoch) for i, epoch in picks])
-            latents = encode_images(batch["pixel_values"], gen)
-        return latents, batch["prompts"], batch["add_time_ids"].to(device)
+            latents = torch.stack([e[0] for e in entries]).to(device)
+            return latents, [e[1] for e in entries], torch.stack([e[2] for e in entries]).to(device)
+        batch = collate_examples([ds.example(i, epoch) for i, epoch in picks])
+        return encode_images(batch["pixel_values"], gen), batch["prompts"], batch["add_time_ids"].to(device)
 
     # ---- optimizer and schedule (stepped once per optimizer step; not handed to accelerate)
     groups = [{"params": adapter_parameters(unet), "lr": config.learning_rate}]
@@ -439,7 +440,7 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
             else:
                 embeds, pooled = encode_prompts(text_encoders, tokenizers, prompts, device)
             sync = micro == config.gradient_accumulation - 1
-            ctx = accelerator.no_sync(unet) if not sync and world > 1 else _nullcontext()
+            ctx = accelerator.no_sync(unet) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 pred = unet(noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype),
                             added_cond_kwargs={"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(weight_dtype)}).sample
@@ -508,13 +509,6 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
     median = statistics.median(step_times[1:] or step_times) if step_times else float("nan")
     return TrainResult(output, adapter_file, config.max_steps, loss_value, median, n_trainable, validation_images)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def generate_class_images(pipe, class_dir: Path, class_prompt: str, wanted: int, resolution: int, config: TrainConfig) -> None:

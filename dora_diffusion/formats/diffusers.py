@@ -306,10 +306,26 @@ class LoadReport:
     keys_left_over: list[str]
     metadata: dict[str, Any]
 
+    def add(self, component: str, method: str, rank: int, alpha: float) -> None:
+        """Count one planned layer."""
+        if self.method.setdefault(component, method) != method:
+            self.method[component] = "mixed"
+        self.rank[component] = max(self.rank.get(component, 0), rank)
+        self.alpha[component] = alpha
+        self.layers[component] = self.layers.get(component, 0) + 1
+
     def __str__(self) -> str:
         parts = [f"{c}: {self.method[c]} r={self.rank[c]} alpha={self.alpha[c]:g}, {self.layers[c]} layers" for c in self.layers]
         extra = f"; {len(self.keys_left_over)} keys left over" if self.keys_left_over else ""
         return f"{self.file}: " + "; ".join(parts) + extra
+
+
+def raise_if_problems(source: str, problems: list[str]) -> None:
+    """One error naming the file and the first problems; raised before the pipeline is touched."""
+    if problems:
+        raise AdapterFileError(
+            f"{source}: does not fit this pipeline ({len(problems)} problem(s); is it for another model?): " + "; ".join(problems[:5])
+        )
 
 
 def _parse_layers(tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module]) -> tuple[dict[tuple[str, str], LayerSpec], list[str]]:
@@ -379,8 +395,8 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
             problems.append(f"{comp}.{name}: is {type(target).__name__}, not Linear")
             continue
         p = spec.params
-        comp_decl = ours.get("components", {}).get(comp, {})
-        declared = comp_decl.get("layer_methods", {}).get(canonical_name(comp, module, name), comp_decl.get("method"))
+        comp_meta = ours.get("components", {}).get(comp, {})
+        declared = comp_meta.get("layer_methods", {}).get(canonical_name(comp, module, name), comp_meta.get("method"))
         if "vera_d" in p or "vera_b" in p:
             method = "dvora"
             if not {"vera_d", "vera_b", "magnitude"} <= set(p):
@@ -409,7 +425,6 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
         alpha = _alpha_from_metadata(meta, comp, ours)
         alpha = float(rank) if alpha is None or method == "magnitude" else alpha
         kwargs: dict[str, Any] = {"rank": rank, "alpha": alpha, "dtype": p["magnitude" if method != "lora" else "lora_A"].dtype}
-        comp_meta = ours.get("components", {}).get(comp, {})
         if method in ("dora", "dvora"):
             kwargs["norm_grad"] = comp_meta.get("norm_grad", "detach")
         if method == "dvora":
@@ -422,17 +437,8 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
             for param in ADAPTER_PARAMS[method]:
                 getattr(adapter, param).copy_(p[param].reshape(getattr(adapter, param).shape))
         planned[(comp, name)] = adapter
-        report.method.setdefault(comp, method)
-        if report.method[comp] != method:
-            report.method[comp] = "mixed"
-        report.rank[comp] = max(report.rank.get(comp, 0), rank)
-        report.alpha[comp] = alpha
-        report.layers[comp] = report.layers.get(comp, 0) + 1
-    if problems:
-        raise AdapterFileError(
-            f"{source}: does not fit this pipeline ({len(problems)} problem(s); is it for another model?): "
-            + "; ".join(problems[:5])
-        )
+        report.add(comp, method, rank, alpha)
+    raise_if_problems(source, problems)
     return planned, report
 
 
@@ -452,9 +458,7 @@ def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0) -> Load
     comps = components_of(pipe)
     for module in comps.values():
         remove_adapters(module)
-    for (comp, name), adapter in planned.items():
-        base = comps[comp].get_submodule(name)
-        adapter.to(device=base.weight.device)
+    for (comp, name), adapter in planned.items():  # built on their base layer's device
         _set_submodule(comps[comp], name, adapter)
     for comp in report.layers:
         set_adapter_scale(comps[comp], scale)

@@ -36,6 +36,7 @@ from .diffusers import (
     LoadReport,
     canonical_name,
     components_of,
+    raise_if_problems,
     save_safetensors_atomic,
 )
 
@@ -224,17 +225,9 @@ def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
             if method != "lora":
                 adapter.magnitude.copy_(parts["dora_scale"].reshape(-1))
         planned[(comp, name)] = adapter
-        prev = report.method.setdefault(comp, method)
-        if prev != method:
-            report.method[comp] = "mixed"
-        report.rank[comp] = max(report.rank.get(comp, 0), r)
-        report.alpha[comp] = alpha
-        report.layers[comp] = report.layers.get(comp, 0) + 1
+        report.add(comp, method, r, alpha)
     report.keys_left_over = sorted(left)
-    if problems:
-        raise AdapterFileError(
-            f"{source}: does not fit this pipeline ({len(problems)} problem(s); is it for another model?): " + "; ".join(problems[:5])
-        )
+    raise_if_problems(source, problems)
     if not planned:
         raise AdapterFileError(f"{source}: no LoRA/DoRA modules found")
     return planned, report
