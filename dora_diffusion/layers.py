@@ -21,7 +21,7 @@ gradient through the norm (paper Eq. 6), still factored.
 Forward: ``y = g ⊙ (W0·x + s·B·(A·x)) + bias`` with ``g = m / n``: one base matmul, no second
 ``F.linear`` with a dense merged weight. The magnitude's gradient is recovered from the saved OUTPUT
 (``∂y/∂m = (y - bias) / m``), which the next layer keeps alive anyway, so DoRA stores no activation
-that LoRA does not (see ``_ScaleRows``).
+that LoRA does not (see ``_DoRAFunction``).
 """
 
 from __future__ import annotations
@@ -118,8 +118,23 @@ def scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bia
     return y, g
 
 
+def _magnitude_grad_from_output(dy2: torch.Tensor, y2: torch.Tensor, magnitude: torch.Tensor,
+                                bias: torch.Tensor | None, sum_dy: torch.Tensor | None = None) -> torch.Tensor:
+    """``∂L/∂m_i = Σ_t dy_ti · (y_ti − b_i) / m_i`` from 2-D ``dy2, y2: [t, out]`` (fp32 or fp64), as
+    ``(Σ_t dy·y − b·Σ_t dy) / m``: no full-size ``y − b`` temporary."""
+    m = acc(magnitude.detach())
+    num = (dy2 * y2).sum(dim=0, dtype=m.dtype)
+    if bias is not None:
+        if sum_dy is None:
+            sum_dy = dy2.sum(dim=0, dtype=m.dtype)
+        num = torch.addcmul(num, acc(bias.detach()), sum_dy, value=-1)
+    # An exactly-zero m_i loses its gradient here (y − b is 0 there); m starts at ‖W0_i‖ > 0.
+    return num / torch.where(m == 0, 1.0, m)
+
+
 class _ScaleRows(torch.autograd.Function):
-    """``y = z ⊙ g + bias`` with ``g = m / n`` per output feature, saving its OUTPUT instead of ``z``.
+    """``y = z ⊙ g + bias`` with ``g = m / n`` per output feature, saving its OUTPUT instead of ``z``
+    (magnitude-only layers; DoRA's own layer is ``_DoRAFunction``).
 
     Autograd's own ``z * g`` would save ``z``: an extra ``[..., out]`` activation per layer. ``y`` is
     what the next op saves anyway (attention, GELU, the next Linear), so keeping it costs nothing:
@@ -142,13 +157,7 @@ class _ScaleRows(torch.autograd.Function):
         dy2 = dy.reshape(-1, out)
         sum_dy = dy2.sum(dim=0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32) if bias is not None else None
         if ctx.needs_input_grad[1]:
-            # Σ_t dy·(y − b) = Σ_t dy·y − b·Σ_t dy: no full-size y − b temporary.
-            m = acc(magnitude.detach())
-            num = (dy2 * y.reshape(-1, out)).sum(dim=0, dtype=m.dtype)
-            if bias is not None:
-                num = torch.addcmul(num, acc(bias.detach()), sum_dy, value=-1)
-            # An exactly-zero m_i loses its gradient here (y − b is 0 there); m starts at ‖W0_i‖ > 0.
-            dm = (num / torch.where(m == 0, 1.0, m)).to(magnitude.dtype)
+            dm = _magnitude_grad_from_output(dy2, y.reshape(-1, out), magnitude, bias, sum_dy).to(magnitude.dtype)
         if bias is not None and ctx.needs_input_grad[3]:
             db = sum_dy.to(bias.dtype)
         return dz, dm, None, db
@@ -158,33 +167,105 @@ def _scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bi
     return _ScaleRows.apply(z, magnitude, norm, bias)
 
 
-class _ScaleRowsRecompute(torch.autograd.Function):
-    """``y = z ⊙ g + bias`` for layers whose output no later op saves (it feeds a residual add:
-    ``to_out.0``, ``ff.net.2``): saving ``y`` there would be an extra activation, so the magnitude's
-    gradient recomputes ``z = W0·x + s·B·A·x`` from ``x``, which LoRA's ``A`` path keeps anyway. One
-    extra base matmul in backward for these layers, no extra memory."""
+def _add_low_rank(y: torch.Tensor, ax: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``y += ax·bᵀ`` in place (``ax: [t, r]``, ``b: [out, r]``): accumulated by the GEMM itself when the
+    dtypes agree, else computed in the adapter's dtype and cast."""
+    if ax.dtype == y.dtype:
+        return y.addmm_(ax, b.T)
+    return y.add_((ax @ b.T).to(y.dtype))
+
+
+def _dora_output(x2: torch.Tensor, h2: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None,
+                 lora_a: torch.Tensor, lora_b: torch.Tensor, g32: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, A·h)`` with ``y = g ⊙ (W0·x + s·B·A·h) + bias`` for 2-D ``x2, h2: [t, in]``, written to
+    touch the ``[t, out]`` output as few times as possible: ``g`` is folded into ``W0``'s rows (when
+    that ``[out, in]`` pass is smaller than a ``[t, out]`` one) or applied in one pass together with
+    the bias, and the low-rank term is accumulated into ``y`` by the GEMM itself (``addmm_``) with
+    ``g`` and ``s`` folded into ``B``'s ``[out, r]``. The low-rank product runs in the adapter's dtype."""
+    g = g32.to(x2.dtype)
+    if x2.shape[0] > w0.shape[1]:
+        y = F.linear(x2, w0 * g.unsqueeze(1), bias)
+    else:
+        y = x2 @ w0.T
+        y = torch.addcmul(bias, y, g) if bias is not None else y.mul_(g)
+    ax = F.linear(h2.to(lora_a.dtype), lora_a)  # [t, r]
+    gbs = lora_b * (g32 * scale).to(lora_b.dtype).unsqueeze(1)  # s·g ⊙ B  [out, r]
+    return _add_low_rank(y, ax, gbs), ax
+
+
+class _DoRAFunction(torch.autograd.Function):
+    """A whole DoRA layer with the detached norm (paper §4.3) as one autograd node:
+    ``y = g ⊙ (W0·x + s·B·A·h) + bias``, ``g = m / n``, ``h = drop(x)``.
+
+    Autograd's own graph of this layer would keep ``z = W0·x + s·B·A·h`` for the magnitude's gradient
+    (an extra ``[..., out]`` activation per layer) and make several elementwise passes over
+    ``[..., out]`` in each direction (the scale, the add, the rescale). Here:
+
+    - forward: one base GEMM, ``g`` and the bias applied in at most one pass, the low-rank term added
+      by its GEMM (see ``_dora_output``);
+    - backward: ``dx = dy·(g ⊙ W0) + (dy·(s·g ⊙ B))·A``, ``dB = s·g ⊙ (dyᵀ·A·h)``, ``dA = (dy·s·g ⊙ B)ᵀ·h``:
+      GEMMs with ``g`` folded into ``[out, ·]`` operands, no ``dy ⊙ g`` pass when folding is cheaper;
+    - the magnitude's gradient ``∂L/∂m_i = Σ_t dy_ti · z_ti / n_i``: from the saved OUTPUT,
+      ``z_ti / n_i = (y_ti − b_i) / m_i``, which the next op keeps alive anyway (``save_output``);
+      or, for a layer whose output only feeds a residual add (``to_out.0``, ``ff.net.2``: nothing
+      keeps it), by recomputing ``z`` from ``x`` and the saved ``A·h`` (one extra base GEMM).
+    So DoRA keeps no activation that LoRA does not, beyond ``A·h: [t, r]``, which LoRA keeps too.
+    """
 
     @staticmethod
-    def forward(ctx, z, magnitude, norm, bias, x, w0, lora_a, lora_b, scale: float):
-        y, g = scale_rows(z, magnitude, norm, bias)
-        ctx.save_for_backward(x, w0, lora_a, lora_b, magnitude, norm, g)
+    def forward(ctx, x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float, save_output: bool):
+        in_f = w0.shape[1]
+        x2 = x.reshape(-1, in_f)
+        h2 = x2 if h is None else h.reshape(-1, in_f)
+        g32 = acc(magnitude.detach()) / norm
+        y, ax = _dora_output(x2, h2, w0, bias, lora_a, lora_b, g32, scale)
+        y = y.view(*x.shape[:-1], w0.shape[0])
+        ctx.save_for_backward(x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, y if save_output else None)
         ctx.scale = scale
-        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w0, lora_a, lora_b, magnitude, norm, g = ctx.saved_tensors
-        dz = dy * g if ctx.needs_input_grad[0] else None
-        dm = db = None
-        if ctx.needs_input_grad[1]:
-            with torch.no_grad():
-                h = x.to(lora_a.dtype)
-                z = F.linear(x, w0.to(x.dtype)) + (F.linear(F.linear(h, lora_a), lora_b) * ctx.scale).to(x.dtype)
-                dm = ((dy * z).reshape(-1, z.shape[-1]).sum(dim=0, dtype=norm.dtype) / norm).to(magnitude.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype)
-        return dz, dm, None, db, None, None, None, None, None
+        x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, y = ctx.saved_tensors
+        s = ctx.scale
+        out_f, in_f = w0.shape
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, out_f)
+        x2 = x.reshape(-1, in_f)
+        g32 = acc(magnitude.detach()) / norm
+        g = g32.to(dy.dtype)
+        ad = lora_a.dtype
+        dx = dh = dw0 = db = da = dB = dm = None
+        if need[6]:
+            if y is not None:
+                dm = _magnitude_grad_from_output(dy2, y.reshape(-1, out_f), magnitude, bias)
+            else:
+                z = _add_low_rank(x2 @ w0.T, ax, lora_b * s)
+                dm = (dy2 * z).sum(dim=0, dtype=norm.dtype) / norm
+            dm = dm.to(magnitude.dtype)
+        gbs = lora_b * (g32 * s).to(lora_b.dtype).unsqueeze(1)  # s·g ⊙ B  [out, r]
+        dy_a = dy2.to(ad)
+        dax = dy_a @ gbs  # [t, r]
+        if need[0]:
+            if dy2.shape[0] > in_f:
+                dx = dy2 @ (w0 * g.unsqueeze(1))
+            else:
+                dx = (dy2 * g) @ w0
+            if h is None:
+                _add_low_rank(dx, dax, lora_a.T)
+            dx = dx.view(x.shape)
+        if h is not None and need[1]:
+            dh = (dax @ lora_a).to(h.dtype).view(h.shape)
+        if need[3]:
+            db = dy2.sum(dim=0).to(bias.dtype)
+        if need[4]:
+            h2 = x2 if h is None else h.reshape(-1, in_f)
+            da = dax.T @ h2.to(ad)
+        if need[5]:
+            dB = (dy_a.T @ ax) * (g32 * s).to(ad).unsqueeze(1)
+        if need[2]:
+            raise RuntimeError("DoRA's fused layer keeps the base weight frozen")
+        return dx, dh, dw0, db, da, dB, dm, None, None, None
 
 
 class NormCache:
@@ -211,7 +292,7 @@ def _check_rank(base: nn.Linear, rank: int) -> None:
         raise ValueError(f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}")
 
 
-# Layers whose output feeds a residual add, so no later op keeps it (see _ScaleRowsRecompute).
+# Layers whose output feeds a residual add, so no later op keeps it (see _DoRAFunction).
 RESIDUAL_TAILS = ("to_out.0", "ff.net.2", "out_proj", "fc2", "proj_out")
 
 
@@ -322,6 +403,9 @@ class LoRALinear(AdapterLinear):
         return (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(x.dtype)
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # PEFT's own op order, so that our LoRA is PEFT's bit for bit (the baseline DoRA is compared
+        # with). Accumulating s·B·A·x into base(x) by the GEMM (as DoRA does) saves two [..., out]
+        # passes, but its fp32 rounding then differs from PEFT's.
         return self.base(x) + self.lora_forward(x)
 
     def adapted_weight(self) -> torch.Tensor:
@@ -382,17 +466,29 @@ class DoRALinear(LoRALinear):
                                     lambda: row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq))
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.base.weight) + self.lora_forward(x)  # W0·x + s·B·A·x, one base matmul
         n = self.weight_norm()
         if self.norm_grad == "exact":  # gradient through m / n by autograd (paper Eq. 6)
+            z = F.linear(x, self.base.weight) + self.lora_forward(x)  # W0·x + s·B·A·x, one base matmul
             g = (acc(self.magnitude) / n).to(z.dtype)
             return z * g + self.base.bias.to(z.dtype) if self.base.bias is not None else z * g
+        w0, bias, lora_a, lora_b = self.base.weight, self.base.bias, self.lora_A, self.lora_B
+        if torch.is_autocast_enabled(x.device.type):
+            # what autocast would run the matmuls in; the fused layer casts nothing itself
+            cd = torch.get_autocast_dtype(x.device.type)
+            x, w0, lora_a, lora_b = x.to(cd), w0.to(cd), lora_a.to(cd), lora_b.to(cd)
+            bias = bias.to(cd) if bias is not None else None
+        elif bias is not None:
+            bias = bias.to(x.dtype)
+        w0 = w0.to(x.dtype)
+        h = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
         if not torch.is_grad_enabled():
-            return scale_rows(z, self.magnitude, n, self.base.bias)[0]
-        if self.magnitude_grad == "recompute" and isinstance(self.dropout, nn.Identity):
-            return _ScaleRowsRecompute.apply(z, self.magnitude, n, self.base.bias, x, self.base.weight,
-                                             self.lora_A, self.lora_B, self.scaling)
-        return _scale_rows(z, self.magnitude, n, self.base.bias)
+            in_f = w0.shape[1]
+            x2 = x.reshape(-1, in_f)
+            y, _ = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, lora_b,
+                                acc(self.magnitude) / n, self.scaling)
+            return y.view(*x.shape[:-1], w0.shape[0])
+        return _DoRAFunction.apply(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling,
+                                   self.magnitude_grad != "recompute")
 
     def adapted_weight(self) -> torch.Tensor:
         return merged_weight(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dora_diffusion import layers
 from dora_diffusion.inject import AdapterConfig, add_adapters
@@ -54,9 +55,10 @@ def _grads(a, p, method):
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_peft(method, dtype, bias):
+@pytest.mark.parametrize("lead", [(3, 5), (4, 10)])  # 15 / 40 tokens for 24 inputs: DoRA's two fused orders
+def test_linear_matches_peft(method, dtype, bias, lead):
     ours, peft, a, p = _pair(method, dtype, bias)
-    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    x = torch.randn(*lead, 24, dtype=dtype, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y1, y2 = ours(x), peft(x2)
     tol = TOL[dtype]
@@ -235,16 +237,36 @@ def test_norm_is_cached_per_step_and_invalidated_by_optimizer(monkeypatch):
     torch.testing.assert_close(adapter.weight_norm(), dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling))
 
 
-def test_one_base_matmul_per_forward(monkeypatch):
+class _CountBaseMatmuls(TorchDispatchMode):
+    """Counts the matrix products with an operand of the base weight's size ([out, in] or [in, out])."""
+
+    def __init__(self, weight_shape):
+        super().__init__()
+        self.shapes = {tuple(weight_shape), tuple(reversed(weight_shape))}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
+            if any(torch.is_tensor(a) and tuple(a.shape) in self.shapes for a in args):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # g applied to the output / folded into W0's rows
+@pytest.mark.parametrize("grad", [True, False])
+def test_one_base_matmul_per_forward(tokens, grad):
     adapter = _trained(DoRALinear, dtype=torch.float32)
     adapter.weight_norm()  # warm the cache
-    weights = []
-    real = nn.functional.linear
-    monkeypatch.setattr(nn.functional, "linear", lambda x, w, b=None: weights.append(w) or real(x, w, b))
-    monkeypatch.setattr(layers.F, "linear", lambda x, w, b=None: weights.append(w) or real(x, w, b))
-    adapter(torch.randn(3, 16))
-    assert sum(w is adapter.base.weight for w in weights) == 1
-    assert all(w.shape != adapter.base.weight.shape or w is adapter.base.weight for w in weights)
+    x = torch.randn(tokens, 16, requires_grad=grad)
+    with torch.set_grad_enabled(grad), _CountBaseMatmuls(adapter.base.weight.shape) as counter:
+        y = adapter(x)
+    assert counter.count == 1
+    with torch.no_grad():
+        torch.testing.assert_close(y, nn.functional.linear(x, adapter.adapted_weight(), adapter.base.bias), rtol=1e-5, atol=1e-5)
+    if grad:  # backward: dx only (the output-saving layer needs no recompute)
+        with _CountBaseMatmuls(adapter.base.weight.shape) as counter:
+            y.sum().backward()
+        assert counter.count == 1
 
 
 def _saved_activations(module, x):
@@ -378,3 +400,60 @@ def test_add_adapters_marks_residual_tails(tiny_components):
     modes = {n: a.magnitude_grad for n, a in layers.adapter_modules(unet)}
     assert {m for n, m in modes.items() if n.endswith(("to_out.0", "ff.net.2"))} == {"recompute"}
     assert {m for n, m in modes.items() if n.endswith(("to_q", "to_k", "to_v", "ff.net.0.proj"))} == {"output"}
+
+
+def _dense_dora(adapter: DoRALinear, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Reference DoRA by autograd on the plain formula, detached norm: g ⊙ (W0·x + s·B·A·h) + b."""
+    n = dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling).detach()
+    z = nn.functional.linear(x, adapter.base.weight) + nn.functional.linear(nn.functional.linear(h, adapter.lora_A), adapter.lora_B) * adapter.scaling
+    y = z * (adapter.magnitude / n)
+    return y + adapter.base.bias if adapter.base.bias is not None else y
+
+
+@pytest.mark.parametrize("tokens", [6, 40])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("magnitude_grad", ["output", "recompute"])
+def test_fused_dora_layer_matches_dense_autograd(tokens, bias, dropout, magnitude_grad):
+    """The fused forward/backward (g folded into W0 or applied to the output; dropout; the magnitude's
+    gradient from the output or by recomputation) against autograd through the dense formula, fp64."""
+    torch.manual_seed(0)
+    adapter = DoRALinear(nn.Linear(24, 20, bias=bias, dtype=torch.float64), rank=4, alpha=8, dropout=dropout, dtype=torch.float64)
+    adapter.magnitude_grad = magnitude_grad
+    with torch.no_grad():
+        adapter.lora_B.normal_()
+        adapter.magnitude.mul_(torch.rand(20, dtype=torch.float64) + 0.5)
+    ref = copy.deepcopy(adapter)
+    x = torch.randn(2, tokens // 2, 24, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(7)
+    y = adapter(x)
+    torch.manual_seed(7)  # the same dropout mask
+    y_ref = _dense_dora(ref, x_ref, nn.functional.dropout(x_ref, dropout) if dropout else x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    for name in ("lora_A", "lora_B", "magnitude"):
+        torch.testing.assert_close(getattr(adapter, name).grad, getattr(ref, name).grad, rtol=1e-10, atol=1e-10, msg=name)
+    assert adapter.base.weight.grad is None
+
+
+def test_dora_under_autocast_runs_in_the_autocast_dtype():
+    """Mixed-precision training (fp32 parameters, bf16 autocast): the layer computes in bf16 like
+    autocast's own matmuls would, and the fp32 parameters get fp32 gradients close to fp32's."""
+    ref = _trained(DoRALinear, dtype=torch.float32)
+    amp = copy.deepcopy(ref)
+    x = torch.randn(4, 10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = amp(x)
+    assert y.dtype == torch.bfloat16
+    y_ref = ref(x)
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=3e-2)
+    y.float().pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+    for name in ("lora_A", "lora_B", "magnitude"):
+        mine, theirs = getattr(amp, name).grad, getattr(ref, name).grad
+        assert mine.dtype == torch.float32
+        assert (mine - theirs).abs().max() <= 5e-2 * theirs.abs().max(), name
