@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 VARIANTS = ("ours-lora", "ours-dora", "peft-lora", "peft-dora")
+EXTRA_VARIANTS = ("ours-dora-keep",)  # on request: DoRA keeping residual-tail outputs (memory_saving=False)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FULL_CONFIG = REPO_ROOT.parent / "shared" / "sdxl" / "unet_config.json"
@@ -133,14 +134,15 @@ def build_variant(unet, variant: str, rank: int, alpha: float):
     """Add the variant's adapters; return the list of trainable parameters."""
     import torch
 
-    family, method = variant.split("-")
+    family, method, *options = variant.split("-")  # ours-dora-keep: DoRA with memory_saving=False
     unet.requires_grad_(False)
     if family == "ours":
         from dora_diffusion import AdapterConfig, adapter_parameters, add_adapters
 
         add_adapters(
             unet,
-            AdapterConfig(method=method, rank=rank, alpha=alpha, targets=list(TARGETS)),
+            AdapterConfig(method=method, rank=rank, alpha=alpha, targets=list(TARGETS),
+                          memory_saving="keep" not in options),
         )
         params = adapter_parameters(unet)
     else:
@@ -719,7 +721,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help="comma-separated subset of " + ", ".join(VARIANTS),
+        help="comma-separated subset of " + ", ".join(VARIANTS + EXTRA_VARIANTS),
     )
     p.add_argument(
         "--threads",
@@ -747,7 +749,7 @@ def parse_args(argv=None):
     )  # internal: JSON config path
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
     if bad or not variants:
         p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
     args.variants = variants

@@ -176,21 +176,28 @@ def _add_low_rank(y: torch.Tensor, ax: torch.Tensor, b: torch.Tensor) -> torch.T
 
 
 def _dora_output(x2: torch.Tensor, h2: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None,
-                 lora_a: torch.Tensor, lora_b: torch.Tensor, g32: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 lora_a: torch.Tensor, gbs: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, A·h)`` with ``y = g ⊙ (W0·x + s·B·A·h) + bias`` for 2-D ``x2, h2: [t, in]``, written to
     touch the ``[t, out]`` output as few times as possible: ``g`` is folded into ``W0``'s rows (when
     that ``[out, in]`` pass is smaller than a ``[t, out]`` one) or applied in one pass together with
-    the bias, and the low-rank term is accumulated into ``y`` by the GEMM itself (``addmm_``) with
-    ``g`` and ``s`` folded into ``B``'s ``[out, r]``. The low-rank product runs in the adapter's dtype."""
-    g = g32.to(x2.dtype)
+    the bias, and the low-rank term is accumulated into ``y`` by the GEMM itself (``addmm_``), with
+    ``s·g`` folded into ``B``: ``gbs = s·g ⊙ B  [out, r]``. The low-rank product runs in the adapter's dtype."""
     if x2.shape[0] > w0.shape[1]:
         y = F.linear(x2, w0 * g.unsqueeze(1), bias)
     else:
-        y = x2 @ w0.T
+        y = torch.mm(x2, w0.t())
         y = torch.addcmul(bias, y, g) if bias is not None else y.mul_(g)
-    ax = F.linear(h2.to(lora_a.dtype), lora_a)  # [t, r]
-    gbs = lora_b * (g32 * scale).to(lora_b.dtype).unsqueeze(1)  # s·g ⊙ B  [out, r]
+    ax = torch.mm(h2 if h2.dtype == lora_a.dtype else h2.to(lora_a.dtype), lora_a.t())  # [t, r]
     return _add_low_rank(y, ax, gbs), ax
+
+
+def _dora_scales(magnitude: torch.Tensor, norm: torch.Tensor, lora_b: torch.Tensor, scale: float, dtype: torch.dtype):
+    """``g = m / n`` in ``dtype``, ``s·g`` and ``s·g ⊙ B`` in the adapter's dtype (all from fp32 / fp64)."""
+    g32 = acc(magnitude.detach()) / norm
+    gs = g32 * scale
+    if gs.dtype != lora_b.dtype:
+        gs = gs.to(lora_b.dtype)
+    return (g32 if g32.dtype == dtype else g32.to(dtype)), gs, lora_b * gs.unsqueeze(1)
 
 
 class _DoRAFunction(torch.autograd.Function):
@@ -214,58 +221,54 @@ class _DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float, save_output: bool):
-        in_f = w0.shape[1]
+        out_f, in_f = w0.shape
         x2 = x.reshape(-1, in_f)
-        h2 = x2 if h is None else h.reshape(-1, in_f)
-        g32 = acc(magnitude.detach()) / norm
-        y, ax = _dora_output(x2, h2, w0, bias, lora_a, lora_b, g32, scale)
-        y = y.view(*x.shape[:-1], w0.shape[0])
-        ctx.save_for_backward(x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, y if save_output else None)
+        g, gs, gbs = _dora_scales(magnitude, norm, lora_b, scale, x.dtype)
+        y, ax = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, gbs, g)
+        y = y.view(*x.shape[:-1], out_f)
+        # g and s·g are [out]; s·g ⊙ B ([out, r]) is one multiply to redo in backward
+        ctx.save_for_backward(x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, g, gs,
+                              y if save_output else None)
         ctx.scale = scale
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, y = ctx.saved_tensors
-        s = ctx.scale
+        x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, g, gs, y = ctx.saved_tensors
         out_f, in_f = w0.shape
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, out_f)
         x2 = x.reshape(-1, in_f)
-        g32 = acc(magnitude.detach()) / norm
-        g = g32.to(dy.dtype)
-        ad = lora_a.dtype
-        dx = dh = dw0 = db = da = dB = dm = None
+        dx = dh = db = da = dB = dm = None
         if need[6]:
             if y is not None:
                 dm = _magnitude_grad_from_output(dy2, y.reshape(-1, out_f), magnitude, bias)
             else:
-                z = _add_low_rank(x2 @ w0.T, ax, lora_b * s)
+                z = _add_low_rank(torch.mm(x2, w0.t()), ax, lora_b * ctx.scale)
                 dm = (dy2 * z).sum(dim=0, dtype=norm.dtype) / norm
             dm = dm.to(magnitude.dtype)
-        gbs = lora_b * (g32 * s).to(lora_b.dtype).unsqueeze(1)  # s·g ⊙ B  [out, r]
-        dy_a = dy2.to(ad)
-        dax = dy_a @ gbs  # [t, r]
+        dy_a = dy2 if dy2.dtype == lora_b.dtype else dy2.to(lora_b.dtype)
+        dax = torch.mm(dy_a, lora_b * gs.unsqueeze(1))  # dy·(s·g ⊙ B)  [t, r]
         if need[0]:
             if dy2.shape[0] > in_f:
-                dx = dy2 @ (w0 * g.unsqueeze(1))
+                dx = torch.mm(dy2, w0 * g.unsqueeze(1))
             else:
-                dx = (dy2 * g) @ w0
+                dx = torch.mm(dy2 * g, w0)
             if h is None:
-                _add_low_rank(dx, dax, lora_a.T)
+                _add_low_rank(dx, dax, lora_a.t())
             dx = dx.view(x.shape)
         if h is not None and need[1]:
-            dh = (dax @ lora_a).to(h.dtype).view(h.shape)
+            dh = torch.mm(dax, lora_a).to(h.dtype).view(h.shape)
         if need[3]:
             db = dy2.sum(dim=0).to(bias.dtype)
         if need[4]:
             h2 = x2 if h is None else h.reshape(-1, in_f)
-            da = dax.T @ h2.to(ad)
+            da = torch.mm(dax.t(), h2 if h2.dtype == dax.dtype else h2.to(dax.dtype))
         if need[5]:
-            dB = (dy_a.T @ ax) * (g32 * s).to(ad).unsqueeze(1)
+            dB = torch.mm(dy_a.t(), ax).mul_(gs.unsqueeze(1))
         if need[2]:
             raise RuntimeError("DoRA's fused layer keeps the base weight frozen")
-        return dx, dh, dw0, db, da, dB, dm, None, None, None
+        return dx, dh, None, db, da, dB, dm, None, None, None
 
 
 class NormCache:
@@ -459,11 +462,10 @@ class DoRALinear(LoRALinear):
             # compiled graph. The factored norm is cheap ([out, in]·[in, r]); W0 is frozen there.
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.norm_grad == "exact"):
                 return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.w0_sq)
-        w0_sq = self._w0_sq()
         if self.norm_grad == "exact":
-            return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq)
+            return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self._w0_sq())
         return self._norm_cache.get((self.base.weight, *self._direction_tensors()), (self.scaling,),
-                                    lambda: row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, w0_sq))
+                                    lambda: row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self._w0_sq()))
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.weight_norm()
@@ -475,20 +477,20 @@ class DoRALinear(LoRALinear):
         if torch.is_autocast_enabled(x.device.type):
             # what autocast would run the matmuls in; the fused layer casts nothing itself
             cd = torch.get_autocast_dtype(x.device.type)
-            x, w0, lora_a, lora_b = x.to(cd), w0.to(cd), lora_a.to(cd), lora_b.to(cd)
-            bias = bias.to(cd) if bias is not None else None
-        elif bias is not None:
+            x, lora_a, lora_b = x.to(cd), lora_a.to(cd), lora_b.to(cd)
+        if w0.dtype != x.dtype:
+            w0 = w0.to(x.dtype)
+        if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        w0 = w0.to(x.dtype)
         h = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
-        if not torch.is_grad_enabled():
-            in_f = w0.shape[1]
-            x2 = x.reshape(-1, in_f)
-            y, _ = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, lora_b,
-                                acc(self.magnitude) / n, self.scaling)
-            return y.view(*x.shape[:-1], w0.shape[0])
-        return _DoRAFunction.apply(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling,
-                                   self.magnitude_grad != "recompute")
+        if torch.is_grad_enabled():
+            return _DoRAFunction.apply(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling,
+                                       self.magnitude_grad != "recompute")
+        in_f = w0.shape[1]
+        x2 = x.reshape(-1, in_f)
+        g, _, gbs = _dora_scales(self.magnitude, n, lora_b, self.scaling, x.dtype)
+        y, _ = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, gbs, g)
+        return y.view(*x.shape[:-1], w0.shape[0])
 
     def adapted_weight(self) -> torch.Tensor:
         return merged_weight(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)
