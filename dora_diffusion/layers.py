@@ -19,9 +19,11 @@ gradient accumulation and checkpointing) and once at inference. ``norm_grad="exa
 gradient through the norm (paper Eq. 6), still factored.
 
 Forward: ``y = g ⊙ (W0·x + s·B·(A·x)) + bias`` with ``g = m / n``: one base matmul, no second
-``F.linear`` with a dense merged weight. The magnitude's gradient is recovered from the saved OUTPUT
+``F.linear`` with a dense merged weight. Training runs the layer as one autograd node
+(``_DoRAFunction``): ``g`` folded into GEMM operands where that is the cheaper pass, the low-rank term
+accumulated by its GEMM, and the magnitude's gradient recovered from the saved OUTPUT
 (``∂y/∂m = (y - bias) / m``), which the next layer keeps alive anyway, so DoRA stores no activation
-that LoRA does not (see ``_DoRAFunction``).
+that LoRA does not.
 """
 
 from __future__ import annotations
