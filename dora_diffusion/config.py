@@ -63,7 +63,7 @@ class TrainConfig:
     policy: str | None = _opt(None, "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, magnitude only on feed-forward). Groups: attn, ff, or whole module names.", group="adapter")
     dropout: float = _opt(0.0, "Dropout on the adapter input.", group="adapter")
     norm_grad: str = _opt("detach", "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient.", choices=("detach", "exact"), group="adapter")
-    memory_saving: bool = _opt(True, "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~3% slower); --no-memory-saving keeps them.", group="adapter")
+    memory_saving: bool = _opt(True, "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~4% slower on CPU); --no-memory-saving keeps them.", group="adapter")
     train_text_encoder: bool = _opt(False, "Also put adapters on both text encoders and train them.", group="adapter")
     # --- prior preservation
     class_prompt: str | None = _opt(None, "Class prompt, e.g. 'a photo of a toy'; turns on prior preservation.", group="prior preservation")
