@@ -241,3 +241,29 @@ def test_memory_saving_can_be_turned_off(tiny_components):
     unet = copy.deepcopy(tiny_components["unet"])
     add_adapters(unet, AdapterConfig(method="dora", targets="attn", memory_saving=False))
     assert {a.magnitude_grad for _, a in adapter_modules(unet)} == {"output"}
+
+
+@pytest.mark.parametrize("memory_saving", [True, False])
+def test_gradient_checkpointing_gives_the_same_dora_gradients(tiny_components, memory_saving):
+    """The fused DoRA node re-run by activation checkpointing (and the norm cache across the re-run)
+    gives the gradients of the plain run."""
+    unet = copy.deepcopy(tiny_components["unet"]).double()
+    add_adapters(unet, AdapterConfig(method="dora", rank=4, targets="attn+ff", adapter_dtype="float64", memory_saving=memory_saving))
+    randomize_adapters(unet, std=0.05)
+    ckpt = copy.deepcopy(unet)
+    ckpt.enable_gradient_checkpointing()
+    unet.train()
+    ckpt.train()
+    inputs = unet_inputs(unet, dtype=torch.float64)
+    grads, calls = [], []
+    for model in (unet, ckpt):
+        name, layer = next(iter(adapter_modules(model)))
+        count = []
+        layer.register_forward_hook(lambda *_: count.append(1))
+        model(**inputs).sample.pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        calls.append(len(count))
+    assert calls == [1, 2]  # checkpointing re-ran the layer in backward
+    assert grads[0].keys() == grads[1].keys() and any(n.endswith("magnitude") for n in grads[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-10, atol=1e-12, msg=n)
