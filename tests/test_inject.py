@@ -257,9 +257,9 @@ def test_gradient_checkpointing_gives_the_same_dora_gradients(tiny_components, m
     inputs = unet_inputs(unet, dtype=torch.float64)
     grads, calls = [], []
     for model in (unet, ckpt):
-        name, layer = next(iter(adapter_modules(model)))
+        _, layer = next(iter(adapter_modules(model)))
         count = []
-        layer.register_forward_hook(lambda *_: count.append(1))
+        layer.register_forward_hook(lambda *_, count=count: count.append(1))
         model(**inputs).sample.pow(2).mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
         calls.append(len(count))
