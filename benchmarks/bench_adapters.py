@@ -751,7 +751,7 @@ def parse_args(argv=None):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
     if bad or not variants:
-        p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+        p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     args.variants = variants
     if args.repeats < 1:
         p.error("--repeats must be >= 1")

@@ -113,8 +113,8 @@ def merged_weight(
 
 
 def scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, g)`` with ``g = m / n`` (in ``z``'s dtype) and ``y = z ⊙ g + bias``: DoRA's output from
-    ``z = W0·x + s·B·A·x``. The autograd Functions below and the no-grad paths all call this."""
+    """``(y, g)`` with ``g = m / n`` (in ``z``'s dtype) and ``y = z ⊙ g + bias``: the magnitude-only
+    layer's output from ``z = W0·x`` (``_ScaleRows`` and its no-grad path)."""
     g = (acc(magnitude.detach()) / norm).to(z.dtype)  # [out]
     y = torch.addcmul(bias.to(z.dtype), z, g) if bias is not None else z * g
     return y, g
@@ -202,6 +202,15 @@ def _dora_scales(magnitude: torch.Tensor, norm: torch.Tensor, lora_b: torch.Tens
     return (g32 if g32.dtype == dtype else g32.to(dtype)), gs, lora_b * gs.unsqueeze(1)
 
 
+def _dora_forward(x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float):
+    """``(y, A·h, g, s·g)`` for ``x, h: [..., in]`` (``h = None``: no dropout, ``h = x``); ``y: [..., out]``."""
+    out_f, in_f = w0.shape
+    x2 = x.reshape(-1, in_f)
+    g, gs, gbs = _dora_scales(magnitude, norm, lora_b, scale, x.dtype)
+    y, ax = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, gbs, g)
+    return y.view(*x.shape[:-1], out_f), ax, g, gs
+
+
 class _DoRAFunction(torch.autograd.Function):
     """A whole DoRA layer with the detached norm (paper §4.3) as one autograd node:
     ``y = g ⊙ (W0·x + s·B·A·h) + bias``, ``g = m / n``, ``h = drop(x)``.
@@ -223,11 +232,7 @@ class _DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float, save_output: bool):
-        out_f, in_f = w0.shape
-        x2 = x.reshape(-1, in_f)
-        g, gs, gbs = _dora_scales(magnitude, norm, lora_b, scale, x.dtype)
-        y, ax = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, gbs, g)
-        y = y.view(*x.shape[:-1], out_f)
+        y, ax, g, gs = _dora_forward(x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale)
         # g and s·g are [out]; s·g ⊙ B ([out, r]) is one multiply to redo in backward
         ctx.save_for_backward(x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, g, gs,
                               y if save_output else None)
@@ -488,11 +493,7 @@ class DoRALinear(LoRALinear):
         if torch.is_grad_enabled():
             return _DoRAFunction.apply(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling,
                                        self.magnitude_grad != "recompute")
-        in_f = w0.shape[1]
-        x2 = x.reshape(-1, in_f)
-        g, _, gbs = _dora_scales(self.magnitude, n, lora_b, self.scaling, x.dtype)
-        y, _ = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, gbs, g)
-        return y.view(*x.shape[:-1], w0.shape[0])
+        return _dora_forward(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling)[0]
 
     def adapted_weight(self) -> torch.Tensor:
         return merged_weight(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)
