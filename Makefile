@@ -1,5 +1,7 @@
-# The README's commands. `make setup` builds .venv (CPU torch pin first, then the project editable
-# with its test extras); every other target sets up first if needed.
+# The README's commands. `make setup` builds .venv from the lock (requirements.lock: the exact versions
+# the suite passed with, CPU torch pin first), then the project itself editable without dependencies;
+# every other target sets up first if needed. `make lock` regenerates the lock from pyproject's ranges;
+# `make test-latest` runs the suite against the newest releases in .venv-latest (not part of CI).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,16 +9,38 @@ PY := $(VENV)/bin/python
 # Override for a GPU machine, e.g. `make setup TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
+LOCK := requirements.lock
+LATEST_VENV := .venv-latest
 
-.PHONY: setup test test-fast demo app screenshots bench bench-full clean
+.PHONY: setup lock test test-latest test-fast demo app screenshots bench bench-full clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+lock:  ## regenerate requirements.lock: resolve pyproject's ranges (test extras included) in a scratch venv
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	( echo "# The exact versions the test suite passed with (make lock writes it; make setup installs it)."; \
+	  echo "# Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'), $(TORCH_SPEC) (CPU build)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^#' | sed -E 's/^(torch==[^+]*)\+cpu/\1/' ) > $(LOCK)
+	rm -rf .venv-lock
+
+test-latest:  ## the suite against the newest releases, upper bounds lifted (to see the next break early)
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(LATEST_VENV)/bin/python -m pip install -q -U $$($(LATEST_VENV)/bin/python -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(" ".join(repr(re.sub(r",?<[^,;]*", "", d)) for d in p["dependencies"] + p["optional-dependencies"]["test"]))')
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|diffusers|transformers|peft|accelerate|gradio|huggingface.hub)=='
+	$(LATEST_VENV)/bin/python -m pytest
 
 test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
 	$(PY) -m pytest
@@ -40,4 +64,4 @@ bench-full: setup  ## the full-size SDXL UNet (needs a CUDA GPU)
 	$(PY) benchmarks/bench_adapters.py --size full --device cuda --dtype bfloat16 --resolution 1024 --out benchmarks/results/gpu-full.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .pytest_cache .hypothesis
