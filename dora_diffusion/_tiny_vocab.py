@@ -29,6 +29,9 @@ WORDS: tuple[str, ...] = (
     "wooden", "plastic", "metal", "small", "big", "cute",
     "close", "up", "shot", "view", "high", "quality", "low", "blurry", "ugly", "beautiful",
     "detailed", "sharp", "sitting", "standing", "lying", "running",
+    # the toy world (dora_diffusion.world)
+    "duck", "teddy", "bear", "rocket", "ball", "block", "teal", "grass", "carpet", "checkered", "floor",
+    "heart", "star", "square", "circle",
 )
 
 

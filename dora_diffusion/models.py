@@ -5,8 +5,11 @@ Two jobs:
 - ``resolve_model`` / ``load_pipeline``: turn what the user typed (nothing, a local diffusers folder,
   or a hub id) into a pipeline, offline only. A model that is not on disk fails with
   ``ModelNotFoundError`` saying so; nothing is downloaded at run time.
-- ``build_tiny_sdxl`` / ``tiny_sdxl_components``: an SDXL-architecture pipeline small enough for CPU
-  tests and the demo, built from code with a fixed seed, so every build is byte-identical. Same
+- ``embedded_model``: the embedded tiny SDXL that has learned, shipped with the package
+  (``assets/toy-sdxl``, pretrained on the toy world of ``dora_diffusion.world``; its model card is
+  ``assets/toy-sdxl/README.md``). It is what ``None`` means everywhere: the demo, the app, the CLI.
+- ``build_tiny_sdxl`` / ``tiny_sdxl_components``: the same architecture with random weights, built
+  from code with a fixed seed (every build byte-identical), for the fast tests that need no learning. Same
   component classes and block layout as SDXL base 1.0 (``shared/sdxl/*.json``), only narrow, so module
   names (and their SGM names such as ``input_blocks_4_1``) map exactly as they do on the real model.
 
@@ -39,9 +42,12 @@ from transformers import (
 from dora_diffusion import _tiny_vocab
 
 __all__ = [
+    "EMBEDDED_MODEL_DIR",
     "ModelNotFoundError",
     "build_tiny_sdxl",
     "default_model_dir",
+    "embedded_judge",
+    "embedded_model",
     "ensure_tiny_model",
     "load_pipeline",
     "resolve_model",
@@ -53,6 +59,9 @@ __all__ = [
 TINY_MODEL_VERSION = 1
 # Written next to model_index.json; marks a folder as ours (so it may be rebuilt in place).
 TINY_MARKER = "dora_diffusion_tiny.json"
+
+# The learned tiny SDXL shipped with the package (``dora-diffusion pretrain-tiny`` made it).
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "toy-sdxl"
 
 # The real file, when this runs from a checkout (repo/../shared); installed copies use the embedded one.
 _SHARED_SCHEDULER_CONFIG = Path(__file__).resolve().parents[2] / "shared/sdxl/scheduler_config.json"
@@ -146,6 +155,18 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 }
 
 
+# The learned embedded model (dora_diffusion.world): 64 px images, a 4x VAE, so the same 16x16 latents
+# and the same UNet and text encoders as above. Pretrained on the toy world and shipped with the package.
+TOY_VAE_CONFIG: dict[str, Any] = {
+    **TINY_VAE_CONFIG,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,  # 3 blocks: 4x downsample
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (32, 64, 64),
+    "layers_per_block": 1,
+    "sample_size": 64,
+}
+
+
 class ModelNotFoundError(FileNotFoundError):
     """The model is neither a usable local folder nor in the local Hugging Face cache."""
 
@@ -208,6 +229,15 @@ def tiny_sdxl_components(
         "tokenizer_2": tokenizer_2,
         "scheduler": scheduler,
     }
+
+
+def toy_sdxl_components(seed: int = 0) -> dict[str, Any]:
+    """The learned embedded model's components before pretraining (random weights, ``seed``): the tiny
+    UNet and text encoders with the 4x VAE of ``TOY_VAE_CONFIG`` (64 px images, 16x16 latents)."""
+    components = tiny_sdxl_components(seed)
+    with _seeded(seed + 1):
+        components["vae"] = AutoencoderKL(**TOY_VAE_CONFIG).eval()
+    return components
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
@@ -296,6 +326,24 @@ def ensure_tiny_model() -> Path:
         raise
 
 
+def embedded_model() -> Path:
+    """The folder of the shipped, pretrained tiny SDXL (64 px, the toy world)."""
+    if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"The embedded model is missing from {EMBEDDED_MODEL_DIR} (it ships with the package): reinstall "
+            "dora-diffusion, or rebuild it with `dora-diffusion pretrain-tiny`."
+        )
+    return EMBEDDED_MODEL_DIR
+
+
+def embedded_judge():
+    """The toy world's judge that ships with the embedded model (``dora_diffusion.world.judge.Judge``)."""
+    from .world.judge import Judge
+
+    embedded_model()
+    return Judge.load(EMBEDDED_MODEL_DIR / "judge")
+
+
 def _is_current_tiny_model(folder: Path) -> bool:
     marker = _read_marker(folder)
     return marker is not None and marker.get("version") == TINY_MODEL_VERSION and marker.get("seed") == 0
@@ -317,14 +365,14 @@ def _looks_like_path(model: str) -> bool:
 def resolve_model(model: str | os.PathLike[str] | None) -> str | Path:
     """What ``from_pretrained`` should load for ``model``, checked to be on disk.
 
-    - ``None``: the embedded tiny SDXL (built on first use, see ``ensure_tiny_model``);
+    - ``None``: the embedded tiny SDXL that ships with the package (``embedded_model``);
     - an existing folder: that folder, which must hold a diffusers pipeline (``model_index.json``);
     - otherwise a hub id, returned as given if the local Hugging Face cache holds it.
 
     Raises ``ModelNotFoundError`` naming the model and what is missing.
     """
     if model is None:
-        return ensure_tiny_model()
+        return embedded_model()
     name = os.fspath(model)
     local = Path(name).expanduser()
     if local.exists():
@@ -367,7 +415,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> StableDiffusionXLPipeline:
-    """Load an SDXL pipeline offline (safetensors only): ``None`` gives the embedded tiny model."""
+    """Load an SDXL pipeline offline (safetensors only): ``None`` gives the embedded (learned) tiny model."""
     source = resolve_model(model)
     pipe = StableDiffusionXLPipeline.from_pretrained(
         source, local_files_only=True, use_safetensors=True, **_dtype_kwarg(dtype)

@@ -1,0 +1,1 @@
+"""The toy world the embedded tiny SDXL is pretrained on: rendering, pretraining, and its judge."""

@@ -1,0 +1,462 @@
+"""Pretraining the embedded tiny SDXL on the toy world: ``dora-diffusion pretrain-tiny``.
+
+Stages, in order, each resumable from its last checkpoint (``work/<stage>/state.pt``) and seeded so that
+an interrupted and resumed run gives the same weights as a straight one:
+
+1. ``data``:  render ``images`` toys (``world.npz``: pixels; ``world.json``: their attributes).
+2. ``vae``:   the ``AutoencoderKL`` on random crops (the VAE is convolutional; crops are 4x cheaper),
+              then its latent scaling factor (1 / std of the latents, as SD's 0.13025 was found) and
+              the latents of every image (mean and std of the posterior, sampled per step later).
+3. ``judge``: the world's judge on the renders and their VAE reconstructions; accuracy on fresh renders.
+4. ``unet``:  the UNet and both text encoders jointly, epsilon prediction, min-SNR-5 weighting, the
+              caption dropped for 10% of the examples (zero embeddings: what SDXL's pipeline feeds the
+              unconditional branch, ``force_zeros_for_empty_prompt``), an EMA of the UNet.
+5. ``export``: the pipeline folder (EMA UNet) and the judge into ``output``.
+
+``max_minutes`` ends a chunk at the next checkpoint after that many minutes; run the same command again
+to continue. Everything random comes from generators keyed on (seed, stage, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .judge import Judge, accuracy, judge_loss, targets
+from .render import Toy, captions, render, sample_toy
+
+STAGES = ("data", "vae", "judge", "unet", "export")
+TIME_IDS = (64.0, 64.0, 0.0, 0.0, 64.0, 64.0)  # original size, crop corner, target size (SDXL micro-conditioning)
+
+
+@dataclass
+class PretrainConfig:
+    """The recipe. The shipped weights were made with these defaults (see the model card)."""
+
+    work: str
+    """Working folder: the rendered world, latents, checkpoints, logs (not shipped)."""
+    output: str | None = None
+    """Where the finished pipeline and judge go (default ``work/model``)."""
+    seed: int = 0
+    images: int = 20000
+    """Rendered training pictures (the judge's held-out set is rendered apart, with seed + 1)."""
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    judge_steps: int = 1000
+    judge_batch: int = 64
+    judge_lr: float = 2e-3
+    unet_steps: int = 5000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    text_lr: float = 3e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    checkpoint_every: int = 250
+    threads: int = 2
+    max_minutes: float | None = None
+    """End this chunk at the first checkpoint after this many minutes (resume by running again)."""
+    stop_after: str | None = None
+    """Stop when this stage is done (e.g. ``vae``), for tests and for chunking by hand."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after not in STAGES:
+            raise ValueError(f"stop_after: {self.stop_after!r} is not one of {', '.join(STAGES)}")
+        for name in ("images", "vae_batch", "judge_batch", "unet_batch", "checkpoint_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``keys``."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def render_world(n: int, seed: int) -> tuple[np.ndarray, list[Toy]]:
+    """``n`` toys drawn from ``seed``: uint8 pixels [n, 64, 64, 3] and their attributes."""
+    rng = np.random.default_rng(seed)
+    toys = [sample_toy(rng) for _ in range(n)]
+    return np.stack([np.asarray(render(t)) for t in toys]), toys
+
+
+def to_model_input(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class _Clock:
+    """The chunk's deadline (``max_minutes``)."""
+
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def up(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+class _Stage:
+    """One stage's folder: its checkpoint, its log, its done marker."""
+
+    def __init__(self, work: Path, name: str):
+        self.dir = work / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").is_file()
+
+    def finish(self, info: dict[str, Any]) -> None:
+        (self.dir / "done.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.dir / "done.json").read_text(encoding="utf-8"))
+
+    def load(self) -> dict[str, Any] | None:
+        path = self.dir / "state.pt"
+        return torch.load(path, weights_only=True) if path.is_file() else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.dir / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.dir / "state.pt")
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.dir / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        kept = [row for row in self.rows() if row["step"] <= step]
+        path = self.dir / "log.jsonl"
+        tmp = self.dir / "log.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        tmp.replace(path)
+
+    def rows(self) -> list[dict[str, Any]]:
+        path = self.dir / "log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up, then cosine down to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _train_loop(stage: _Stage, cfg: PretrainConfig, clock: _Clock, steps: int, modules: dict[str, torch.nn.Module],
+                optimizer: torch.optim.Optimizer, peaks: list[float], step_fn, extra_state=None) -> bool:
+    """Run ``step_fn(step) -> loss`` from the checkpointed step to ``steps``. False if the chunk's time ran out."""
+    from tqdm.auto import tqdm
+
+    state = stage.load()
+    start = 0
+    if state is not None:
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        if extra_state is not None:
+            extra_state[1](state["extra"])
+        start = state["step"]
+    stage.truncate_log(start)  # rows an interrupted chunk wrote after its last checkpoint
+    window: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage.name, mininterval=5)
+    for step in bar:
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = _lr(step, steps, cfg.warmup_steps, peak)
+        loss = step_fn(step)
+        window.append(loss)
+        done = step + 1
+        if done % 50 == 0 or done == steps:
+            stage.log({"step": done, "loss": float(np.mean(window)), "seconds": time.perf_counter() - t0})
+            bar.set_postfix(loss=f"{np.mean(window):.4f}")
+            window = []
+        if done % cfg.checkpoint_every == 0 or done == steps:
+            stage.save({"step": done, "optimizer": optimizer.state_dict(),
+                        "modules": {n: m.state_dict() for n, m in modules.items()},
+                        "extra": extra_state[0]() if extra_state is not None else {}})
+            if clock.up() and done < steps:
+                bar.close()
+                print(f"{stage.name}: stopped at step {done} of {steps} (max_minutes); run again to continue")
+                return False
+    bar.close()
+    return True
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _stage_data(cfg: PretrainConfig, work: Path) -> None:
+    stage = _Stage(work, "data")
+    if stage.done:
+        return
+    t0 = time.perf_counter()
+    pixels, toys = render_world(cfg.images, cfg.seed)
+    np.savez(work / "world.npz", pixels=pixels)
+    (work / "world.json").write_text(json.dumps([t.attributes() for t in toys]), encoding="utf-8")
+    stage.finish({"images": cfg.images, "seconds": time.perf_counter() - t0})
+
+
+def _load_world(work: Path) -> tuple[np.ndarray, list[Toy]]:
+    pixels = np.load(work / "world.npz")["pixels"]
+    toys = [Toy(**a) for a in json.loads((work / "world.json").read_text(encoding="utf-8"))]
+    return pixels, toys
+
+
+def _stage_vae(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock) -> bool:
+    stage = _Stage(work, "vae")
+    vae = components["vae"]
+    if stage.done:
+        vae.load_state_dict(stage.load()["modules"]["vae"])
+        vae.register_to_config(scaling_factor=stage.info()["scaling_factor"])
+        return True
+    pixels, _ = _load_world(work)
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    c = cfg.vae_crop
+
+    def step_fn(step: int) -> float:
+        g = generator(cfg.seed, 2, step)
+        idx = torch.randint(0, len(pixels), (cfg.vae_batch,), generator=g).numpy()
+        top, left = (int(v) for v in torch.randint(0, 64 - c + 1, (2,), generator=g))
+        x = to_model_input(pixels[idx, top : top + c, left : left + c])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+            recon = vae.decode(z).sample
+        loss = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x) + cfg.kl_weight * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    t0 = time.perf_counter()
+    if not _train_loop(stage, cfg, clock, cfg.vae_steps, {"vae": vae}, optimizer, [cfg.vae_lr], step_fn):
+        return False
+    vae.eval()
+    # The latents of every image, and the scaling factor that gives them unit variance.
+    means, stds, recon = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(pixels), 256):
+            post = vae.encode(to_model_input(pixels[i : i + 256])).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+            recon.append(((vae.decode(post.mean).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1))
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / mean.std())
+    recon_pixels = torch.cat(recon).numpy()
+    mse = float(((recon_pixels.astype(np.float32) - pixels.astype(np.float32)) / 127.5).__pow__(2).mean())
+    torch.save({"mean": mean.half(), "std": std.half()}, work / "latents.pt")
+    np.savez(work / "recon.npz", pixels=recon_pixels)
+    vae.register_to_config(scaling_factor=scaling)
+    stage.finish({"steps": cfg.vae_steps, "scaling_factor": scaling, "recon_mse": mse,
+                  "seconds": time.perf_counter() - t0})
+    return True
+
+
+def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock) -> tuple[bool, Judge]:
+    stage = _Stage(work, "judge")
+    torch.manual_seed(cfg.seed)
+    judge = Judge()
+    if stage.done:
+        judge.load_state_dict(stage.load()["modules"]["judge"])
+        return True, judge.eval()
+    pixels, toys = _load_world(work)
+    recon = np.load(work / "recon.npz")["pixels"]
+    labels = targets(toys)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=cfg.judge_lr, weight_decay=1e-4)
+    judge.train()
+
+    def step_fn(step: int) -> float:
+        g = generator(cfg.seed, 3, step)
+        idx = torch.randint(0, len(toys), (cfg.judge_batch,), generator=g)
+        use_recon = torch.rand(cfg.judge_batch, generator=g) < 0.5
+        batch = np.where(use_recon.numpy()[:, None, None, None], recon[idx.numpy()], pixels[idx.numpy()])
+        x = to_model_input(batch)
+        x = x + 0.03 * torch.randn(x.shape, generator=g)  # a little noise: generations are never clean
+        flip = torch.rand(cfg.judge_batch, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        loss = judge_loss(judge(x), {k: v[idx] for k, v in labels.items()})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    if not _train_loop(stage, cfg, clock, cfg.judge_steps, {"judge": judge}, optimizer, [cfg.judge_lr], step_fn):
+        return False, judge
+    judge.eval()
+    held_pixels, held_toys = render_world(2000 if cfg.images >= 2000 else cfg.images, cfg.seed + 1)
+    acc = accuracy(judge, to_model_input(held_pixels), held_toys)
+    stage.finish({"steps": cfg.judge_steps, "held_out_renders": len(held_toys), "accuracy": acc})
+    return True, judge
+
+
+def _caption_choice(toy: Toy, g: torch.Generator) -> str:
+    """Half the time the most detailed caption, else any of the shorter ones."""
+    options = captions(toy)
+    if float(torch.rand((), generator=g)) < 0.5:
+        return options[0]
+    return options[int(torch.randint(1, len(options), (), generator=g))]
+
+
+def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock) -> bool:
+    from diffusers import DDPMScheduler
+
+    from ..train import loss_weights
+
+    stage = _Stage(work, "unet")
+    unet, te1, te2 = components["unet"], components["text_encoder"], components["text_encoder_2"]
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    if stage.done:
+        state = stage.load()
+        for name, module in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
+            module.load_state_dict(state["modules"][name])
+        unet.load_state_dict(state["extra"]["ema"])
+        return True
+    _, toys = _load_world(work)
+    latents = torch.load(work / "latents.pt", weights_only=True)
+    mean, std = latents["mean"].float(), latents["std"].float()
+    scaling = components["vae"].config.scaling_factor
+    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    tokenizers = (components["tokenizer"], components["tokenizer_2"])
+    for m in (unet, te1, te2):
+        m.train()
+    optimizer = torch.optim.AdamW([
+        {"params": list(unet.parameters()), "lr": cfg.unet_lr},
+        {"params": list(te1.parameters()) + list(te2.parameters()), "lr": cfg.text_lr},
+    ], weight_decay=1e-2)
+    time_ids = torch.tensor([TIME_IDS])
+    token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        # SDXL's prompt encoding (as train.encode_prompts), with the token ids of each caption cached
+        for p in prompts:
+            if p not in token_cache:
+                token_cache[p] = tuple(tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                           return_tensors="pt").input_ids[0] for tok in tokenizers)
+        states = []
+        for i, encoder in enumerate((te1, te2)):
+            out = encoder(torch.stack([token_cache[p][i] for p in prompts]), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), out[0]
+
+    def step_fn(step: int) -> float:
+        g = generator(cfg.seed, 4, step)
+        b = cfg.unet_batch
+        idx = torch.randint(0, len(toys), (b,), generator=g)
+        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling
+        prompts = [_caption_choice(toys[int(i)], g) for i in idx]
+        hidden, pooled = encode(prompts)
+        keep = (torch.rand(b, generator=g) >= cfg.caption_dropout).float()
+        hidden, pooled = hidden * keep[:, None, None], pooled * keep[:, None]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(b, 1)}).sample
+        w = loss_weights(scheduler, t, cfg.snr_gamma)
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for k, v in unet.state_dict().items():
+                ema[k].lerp_(v, 1 - decay) if v.is_floating_point() else ema[k].copy_(v)
+        return loss.item()
+
+    def get_extra() -> dict[str, Any]:
+        return {"ema": ema}
+
+    def set_extra(extra: dict[str, Any]) -> None:
+        for k, v in extra["ema"].items():
+            ema[k].copy_(v)
+
+    modules = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
+    t0 = time.perf_counter()
+    if not _train_loop(stage, cfg, clock, cfg.unet_steps, modules, optimizer, [cfg.unet_lr, cfg.text_lr], step_fn,
+                       (get_extra, set_extra)):
+        return False
+    unet.load_state_dict(ema)
+    stage.finish({"steps": cfg.unet_steps, "seconds_this_chunk": time.perf_counter() - t0})
+    return True
+
+
+def _stage_export(cfg: PretrainConfig, work: Path, components: dict, judge: Judge, output: Path) -> Path:
+    from diffusers import StableDiffusionXLPipeline
+
+    from .. import _tiny_vocab
+    from ..models import TINY_MARKER
+
+    for m in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        components[m].eval()
+    pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    output.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(output, safe_serialization=True)
+    for folder in ("tokenizer", "tokenizer_2"):
+        _tiny_vocab.write_tokenizer_files(output / folder)
+    judge.save(output / "judge", metrics=_Stage(work, "judge").info())
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("work", "output", "max_minutes", "stop_after", "extra")}
+    marker = {"builder": "dora_diffusion.world.pretrain", "kind": "toy-world", "recipe": recipe}
+    (output / TINY_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+def pretrain_tiny(cfg: PretrainConfig) -> Path | None:
+    """Run (or continue) the recipe. Returns the finished model folder, or None when the chunk ended
+    first (``max_minutes``, ``stop_after``)."""
+    from ..models import toy_sdxl_components
+
+    torch.set_num_threads(cfg.threads)
+    print(f"pretrain-tiny: {cfg.threads} torch thread(s), work folder {cfg.work}")
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = work / "recipe.json"
+    mine = {k: v for k, v in asdict(cfg).items() if k not in ("work", "output", "max_minutes", "stop_after", "threads")}
+    if recipe.is_file() and json.loads(recipe.read_text()) != mine:
+        raise ValueError(f"{recipe}: this work folder was started with another recipe; use a new folder")
+    recipe.write_text(json.dumps(mine, indent=2) + "\n")
+    clock = _Clock(cfg.max_minutes)
+    components = toy_sdxl_components(cfg.seed)
+
+    def chunk(started: float, name: str) -> None:
+        with open(work / "wall.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": name, "seconds": time.perf_counter() - started, "threads": cfg.threads}) + "\n")
+
+    t = time.perf_counter()
+    _stage_data(cfg, work)
+    chunk(t, "data")
+    if cfg.stop_after == "data":
+        return None
+    t = time.perf_counter()
+    ok = _stage_vae(cfg, work, components, clock)
+    chunk(t, "vae")
+    if not ok or cfg.stop_after == "vae":
+        return None
+    t = time.perf_counter()
+    ok, judge = _stage_judge(cfg, work, clock)
+    chunk(t, "judge")
+    if not ok or cfg.stop_after == "judge":
+        return None
+    t = time.perf_counter()
+    ok = _stage_unet(cfg, work, components, clock)
+    chunk(t, "unet")
+    if not ok or cfg.stop_after == "unet":
+        return None
+    return _stage_export(cfg, work, components, judge, Path(cfg.output) if cfg.output else work / "model")
