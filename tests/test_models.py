@@ -267,12 +267,12 @@ def test_cached_hub_id_resolves_and_loads(
     assert pipe.unet.config.addition_embed_type == "text_time"
 
 
-def test_none_builds_the_tiny_model_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_random_tiny_model_is_built_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DORA_DIFFUSION_HOME", str(tmp_path))
     folder = ensure_tiny_model()
     assert folder == tmp_path / "tiny-sdxl" == models.default_model_dir()
     stamp = (folder / "model_index.json").stat().st_mtime_ns
-    assert resolve_model(None) == folder
+    assert ensure_tiny_model() == folder
     assert (folder / "model_index.json").stat().st_mtime_ns == stamp  # not rebuilt
-    pipe = load_pipeline(None, dtype=torch.bfloat16)
+    pipe = load_pipeline(folder, dtype=torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16
