@@ -1,4 +1,4 @@
-"""Export a trained adapter (diffusers, kohya, merged folder, merged single file) and verify a file.
+"""Export a trained adapter (diffusers, kohya, comfyui, merged folder, merged single file) and verify a file.
 
 Every export loads the adapter into a fresh base pipeline with our exact loader first, and records
 a small fixed-seed PROBE (UNet and text-encoder outputs on fixed inputs) in the adapter file's
@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .formats.diffusers import METADATA_KEY, AdapterFileError, components_of, load_adapter, read_adapter_file, save_adapter
+from .formats.comfyui import save_comfyui
+from .formats.diffusers import (INPUT_AXIS_REFUSAL, METADATA_KEY, AdapterFileError, components_of, load_adapter,
+                                read_adapter_file, save_adapter)
 from .formats.kohya import save_kohya
 from .inject import as_dora, merge_adapters
+from .layers import adapter_modules
 
-FORMATS = ("diffusers", "kohya", "merged-folder", "merged-single")
+FORMATS = ("diffusers", "kohya", "comfyui", "merged-folder", "merged-single")
 EMBEDDED_MODEL = "embedded-tiny-sdxl"  # what a run on the default model records as its base model
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -108,13 +111,15 @@ def export_adapter(adapter: str | os.PathLike, format: str, out: str | os.PathLi
     out = Path(out)
     if format == "merged-single" and out.suffix != ".safetensors":
         out = out / "model.safetensors"
-    if format == "kohya" and out.suffix != ".safetensors":
-        out = out / "adapter_kohya.safetensors"
+    if format in ("kohya", "comfyui") and out.suffix != ".safetensors":
+        out = out / f"adapter_{format}.safetensors"
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite and format != "diffusers":
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     model = model if model is not None else base_model_of(adapter)
     pipe = load_pipeline(model)
     report = load_adapter(pipe, adapter)
+    if format == "diffusers" and any(a.method == "dora_in" for m in components_of(pipe).values() for _, a in adapter_modules(m)):
+        raise AdapterFileError(INPUT_AXIS_REFUSAL.format(where=str(adapter)))
     metadata = {"base_model": model or EMBEDDED_MODEL, "source": str(Path(adapter)), "probe": probe_outputs(pipe)}
     if format == "diffusers":
         for module in components_of(pipe).values():
@@ -122,6 +127,8 @@ def export_adapter(adapter: str | os.PathLike, format: str, out: str | os.PathLi
         return save_adapter(pipe, out, metadata=metadata, overwrite=overwrite)
     if format == "kohya":
         return save_kohya(pipe, out, metadata=metadata, overwrite=overwrite)
+    if format == "comfyui":  # dora_scale from this base model's W0 (see formats/comfyui.py)
+        return save_comfyui(pipe, out, metadata=metadata, overwrite=overwrite)
     # merged: bake the adapters in, then write the base model's layout
     for module in components_of(pipe).values():
         merge_adapters(module)

@@ -57,7 +57,7 @@ def _saved_run(tmp_path, tiny_model, method, components):
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("components", [("unet",), COMPONENTS], ids=["unet", "unet+te"])
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "comfyui"])
 def test_adapter_exports_round_trip_exactly(tmp_path, tiny_model, method, components, fmt):
     pipe, run = _saved_run(tmp_path, tiny_model, method, components)
     file = export_adapter(run, fmt, tmp_path / f"export-{fmt}")
@@ -211,6 +211,17 @@ def test_verify(tmp_path, tiny_model, capsys):
             p.mul_(1.01)
     other.save_pretrained(tmp_path / "other-base")
     assert main(["verify", "--adapter", str(file), "--model", str(tmp_path / "other-base")]) == 1
+
+
+def test_cli_comfyui_export_says_which_tools_it_is_for(tmp_path, tiny_model, capsys):
+    _, run = _saved_run(tmp_path, tiny_model, "dora", COMPONENTS)
+    from dora_diffusion.cli import main
+
+    assert main(["export", "--adapter", str(run), "--format", "comfyui", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "adapter_comfyui.safetensors" in out and "ComfyUI and Forge" in out
+    assert "Comfy-Org/ComfyUI#15458" in out and "use the kohya export" in out
+    assert verify_adapter(tmp_path / "c" / "adapter_comfyui.safetensors", tiny_model).ok  # our loader reads it exactly
 
 
 def test_bad_kohya_files_leave_the_pipeline_unchanged(tmp_path, tiny_model):

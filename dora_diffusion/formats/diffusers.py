@@ -51,6 +51,9 @@ TE_MAGNITUDE_SUFFIX = ".lora_magnitude_vector.weight"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+INPUT_AXIS_REFUSAL = ("{where}: input-axis DoRA (dora_scale [1, in], as LyCORIS < 3.2 and OneTrainer write it) has no "
+                      "diffusers/PEFT layout: their DoRA magnitude is per output row, and no output-row DoRA equals it. "
+                      "Export it with --format kohya or comfyui, or merged into the model (merged-folder, merged-single)")
 
 
 class AdapterFileError(AdapterError):
@@ -151,6 +154,8 @@ def diffusers_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, d
         for name, a in mods:
             if a.merged:
                 raise AdapterError(f"{comp}.{name}: adapter is merged; unmerge it before saving")
+            if a.method == "dora_in":  # PEFT's DoRA is per output row; W0·(diag(g) − I) is not low-rank
+                raise AdapterError(INPUT_AXIS_REFUSAL.format(where=f"{comp}.{name}"))
         methods = {a.method for _, a in mods}
         if len(methods) > 1 and methods != {"dora", "magnitude"}:
             raise AdapterError(f"{comp}: methods {sorted(methods)} cannot share one diffusers file (PEFT's use_dora is "

@@ -1,4 +1,4 @@
-"""The kohya / LyCORIS file (sd-scripts, ComfyUI, A1111/Forge): write it, and read every DoRA layout exactly.
+"""The kohya / LyCORIS file (LyCORIS, sd-scripts): write it, and read every DoRA layout exactly.
 
 Keys, one module each:
 
@@ -12,7 +12,9 @@ Keys, one module each:
 writes one per OUTPUT row ``[out, 1]``; LyCORIS < 3.2 and OneTrainer one per INPUT column ``[1, in]``.
 These are different functions, not two spellings: the reader builds ``DoRALinear`` for the first and
 ``DoRAInputAxisLinear`` for the second. A 1-D ``dora_scale`` is read by its length, and a length
-that fits both axes (a square layer) needs the file's metadata to say which.
+that fits both axes (a square layer) needs the file's metadata to say which. ComfyUI and Forge
+divide an output-axis ``dora_scale`` by ‖W0‖ instead: ``comfyui.py`` writes the file for them
+(same keys, other ``dora_scale``, metadata ``layout: comfyui``), which this reader also reads exactly.
 
 Underscore-joined names are ambiguous (``to_q``, ``transformer_blocks``), so names are not parsed:
 the reader computes every kohya spelling of the model's own Linear layers (SGM and diffusers names)
@@ -100,10 +102,42 @@ def kohya_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
             elif a.method == "dora_in":
                 tensors[f"{key}.dora_scale"] = a.magnitude.detach().float().cpu().reshape(1, -1).clone()  # [1, in]
         if mods:
-            summary[comp] = {"method": mods[0][1].method, "rank": mods[0][1].rank, "alpha": mods[0][1].alpha, "layers": len(mods)}
+            first = kohya_name(comp, module, mods[0][0])  # rank and alpha as written (magnitude-only: 1, 1)
+            summary[comp] = {"method": mods[0][1].method, "rank": tensors[f"{first}.lora_down.weight"].shape[0],
+                             "alpha": float(tensors[f"{first}.alpha"]), "layers": len(mods)}
     if not tensors:
         raise AdapterFileError("nothing to export: no adapters found")
     return tensors, summary
+
+
+def magnitude_axis_of(obj: Any) -> str | None:
+    """``out``, ``in`` or ``mixed``: the axis of the DoRA magnitudes of ``obj``'s adapters (``None``: LoRA only)."""
+    axes = {"in" if a.method == "dora_in" else "out"
+            for module in components_of(obj).values() for _, a in adapter_modules(module) if a.method != "lora"}
+    return None if not axes else axes.pop() if len(axes) == 1 else "mixed"
+
+
+def kohya_header(summary: Mapping[str, Any], metadata: Mapping[str, Any] | None, *, layout: str = "kohya",
+                 axis: str | None = None) -> dict[str, str]:
+    """The safetensors metadata: sd-scripts' ``ss_*`` keys (LyCORIS network args: ``dora_wd``, ``wd_on_output``
+    for the file's magnitude axis) and our entry."""
+    first = next(iter(summary.values()))
+    args: dict[str, str] = {}
+    if axis is not None:
+        args = {"algo": "lora", "dora_wd": "true"}
+        if axis != "mixed":  # LyCORIS has one axis per network; a mixed file has none to declare
+            args["wd_on_output"] = "true" if axis == "out" else "false"
+    return {
+        "format": "pt",
+        "ss_network_module": "lycoris.kohya" if axis else "networks.lora",
+        "ss_network_dim": str(first["rank"]),
+        "ss_network_alpha": str(first["alpha"]),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        METADATA_KEY: json.dumps({"format_version": 1, "layout": layout, "magnitude_axis": axis or "out",
+                                  "components": dict(summary), **dict(metadata or {})}, sort_keys=True),
+    }
 
 
 def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
@@ -114,21 +148,7 @@ def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any]
     if file.exists() and not overwrite:
         raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
     tensors, summary = kohya_state_dict(obj)
-    methods = {s["method"] for s in summary.values()}
-    dora = bool(methods & {"dora", "magnitude", "dora_in", "dvora"})
-    first = next(iter(summary.values()))
-    header = {
-        "format": "pt",
-        "ss_network_module": "lycoris.kohya" if dora else "networks.lora",
-        "ss_network_dim": str(first["rank"]),
-        "ss_network_alpha": str(first["alpha"]),
-        "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "true", "wd_on_output": "true"} if dora else {}),
-        "ss_base_model_version": "sdxl_base_v1-0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        METADATA_KEY: json.dumps({"format_version": 1, "layout": "kohya", "magnitude_axis": "in" if methods == {"dora_in"} else "out",
-                                  "components": summary, **dict(metadata or {})}, sort_keys=True),
-    }
-    return save_safetensors_atomic(tensors, file, header)
+    return save_safetensors_atomic(tensors, file, kohya_header(summary, metadata, axis=magnitude_axis_of(obj)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +202,8 @@ def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
                 declared = "out" if str(args["wd_on_output"]).lower() == "true" else "in"
         except json.JSONDecodeError:
             pass
+    # our ComfyUI/Forge file: dora_scale [out, 1] = m·(‖W0‖ + eps)/‖W0 + ΔW‖, read back exactly with this W0
+    comfyui = ours.get("layout") == "comfyui"
     table = _lookup(comps)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     left: list[str] = []
@@ -222,7 +244,11 @@ def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
         with torch.no_grad():
             adapter.lora_A.copy_(down)
             adapter.lora_B.copy_(up)
-            if method != "lora":
+            if method == "dora" and comfyui:
+                from .comfyui import magnitude_from_comfyui
+
+                adapter.magnitude.copy_(magnitude_from_comfyui(base.weight, down, up, alpha, parts["dora_scale"]))
+            elif method != "lora":
                 adapter.magnitude.copy_(parts["dora_scale"].reshape(-1))
         planned[(comp, name)] = adapter
         report.add(comp, method, r, alpha)
