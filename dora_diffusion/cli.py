@@ -51,6 +51,10 @@ def _export(args: argparse.Namespace) -> int:
 
     path = export_adapter(args.adapter, args.format, args.out, model=args.model, dtype=args.dtype, overwrite=args.overwrite)
     print(f"{args.format} export written to {path}")
+    if args.format == "comfyui":
+        from .formats.comfyui import NOTE
+
+        print(f"this file is {NOTE}")
     return 0
 
 
@@ -128,14 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.set_defaults(func=_tiny_model)
 
-    p = sub.add_parser("export", help="export an adapter: diffusers, kohya (ComfyUI/A1111), or merged into the model",
+    p = sub.add_parser("export", help="export an adapter: diffusers, kohya (LyCORIS), comfyui (ComfyUI/Forge), or merged into the model",
                        description="Export a run's adapter (or any adapter file we can read). Formats: "
                        "diffusers (pytorch_lora_weights.safetensors for pipe.load_lora_weights), "
-                       "kohya (lora_unet_/lora_te1_/lora_te2_ keys, SGM names, dora_scale [out, 1]: ComfyUI, sd-scripts), "
+                       "kohya (lora_unet_/lora_te1_/lora_te2_ keys, SGM names, dora_scale [out, 1]: LyCORIS, sd-scripts), "
+                       "comfyui (the kohya keys, dora_scale rescaled for ComfyUI's and Forge's DoRA formula, from the base model), "
                        "merged-folder (a diffusers pipeline folder with the adapter baked in), "
                        "merged-single (one .safetensors in the original SDXL layout: from_single_file, ComfyUI, A1111).")
     p.add_argument("--adapter", required=True, help="run folder or adapter .safetensors file")
-    p.add_argument("--format", required=True, choices=("diffusers", "kohya", "merged-folder", "merged-single"))
+    p.add_argument("--format", required=True, choices=("diffusers", "kohya", "comfyui", "merged-folder", "merged-single"))
     p.add_argument("--out", required=True, help="output folder or .safetensors file")
     p.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="dtype of merged exports")
