@@ -346,8 +346,13 @@ def build_app(engine: Engine) -> gr.Blocks:
     return app
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, **launch_kwargs):
-    """Build and launch the app. Only the exports folder is served as files (for downloads)."""
+def serve(engine: Engine, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+          threads: int | None = None, **launch_kwargs):
+    """Build and launch the app. Only the exports folder is served as files (for downloads).
+    ``threads``: torch's CPU threads (``dora_diffusion.threads.choose_threads`` picks when None)."""
+    from dora_diffusion.threads import set_torch_threads
+
+    set_torch_threads(threads, model=engine.model)
     engine.exports_dir.mkdir(parents=True, exist_ok=True)
     app = build_app(engine)
     app.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -20,11 +21,31 @@ EPILOG = """examples:
 """
 
 
+def _threads(args: argparse.Namespace, model: str | None) -> int:
+    from .threads import set_torch_threads
+
+    return set_torch_threads(args.threads, model=model)
+
+
+def _recorded_model(given: str | None, sources: list[str]) -> str | None:
+    """The base model a command loads: the one given, else the first one its runs recorded."""
+    if given:
+        return given
+    from .export import base_model_of
+
+    for source in sources:
+        with contextlib.suppress(Exception):  # a bad path is reported by the command itself
+            if (model := base_model_of(source)) is not None:
+                return model
+    return None
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import config_from_args
     from .train import train
 
     config = config_from_args(args)
+    _threads(args, config.model)
     result = train(config)
     print(f"\nadapter: {result.adapter_file}\nfinal loss {result.final_loss:.4f}, "
           f"median step {result.median_step_seconds * 1000:.0f} ms, {result.trainable_parameters:,} trainable parameters")
@@ -34,6 +55,7 @@ def _train(args: argparse.Namespace) -> int:
 def _tiny_model(args: argparse.Namespace) -> int:
     from .models import build_tiny_sdxl
 
+    _threads(args, None)
     path = build_tiny_sdxl(args.path, seed=args.seed)
     print(f"tiny SDXL pipeline written to {path}\nload it with StableDiffusionXLPipeline.from_pretrained({str(path)!r})")
     return 0
@@ -42,6 +64,8 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    threads = _threads(args, None)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # run_demo keeps torch's threads when it is set
     run_demo(Path(args.output), steps=args.steps, overwrite=args.overwrite)
     return 0
 
@@ -49,6 +73,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_adapter
 
+    _threads(args, _recorded_model(args.model, [args.adapter]))
     path = export_adapter(args.adapter, args.format, args.out, model=args.model, dtype=args.dtype, overwrite=args.overwrite)
     print(f"{args.format} export written to {path}")
     if args.format == "comfyui":
@@ -61,6 +86,7 @@ def _export(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .export import verify_adapter
 
+    _threads(args, _recorded_model(args.model, [args.adapter]))
     report = verify_adapter(args.adapter, args.model, loader=args.loader, tolerance=args.tolerance)
     print(report)
     return 0 if report.ok else 1
@@ -78,13 +104,15 @@ def _app(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("dora_diffusion_app", main_py)
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
-    app.serve(Engine(model=args.model, workspace=args.outputs), host=args.host, port=args.port, share=args.share)
+    app.serve(Engine(model=args.model, workspace=args.outputs), host=args.host, port=args.port, share=args.share,
+              threads=args.threads)
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze
 
+    _threads(args, _recorded_model(args.model, args.runs))
     summary = analyze(args.runs, args.out, model=args.model, layers=args.layers.split(",") if args.layers else None)
     print(summary["text"])
     for kind, path in summary["files"].items():
@@ -97,6 +125,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .config import ConfigError, config_from_args
 
     train_cfg = config_from_args(args)
+    _threads(args, train_cfg.model)
     try:
         ranks = [int(r) for r in args.ranks.split(",")]
     except ValueError:
@@ -105,6 +134,19 @@ def _compare(args: argparse.Namespace) -> int:
     compare(CompareConfig(train_cfg, methods=[m.strip() for m in args.methods.split(",")], ranks=ranks,
                           validation_prompts=prompts, sample_steps=args.sample_steps, sample_size=args.sample_size))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 on the embedded tiny "
+                   "model, min(4, CPUs) on a real one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="TOML, YAML or JSON file of options (keys as below, '-' or '_')")
     add_config_arguments(p)
+    _add_threads(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("tiny-model", help="build the embedded tiny SDXL-architecture pipeline (for tests and the demo)")
     p.add_argument("path", help="folder to write (must not exist, or be empty, or hold an older tiny model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    _add_threads(p)
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("export", help="export an adapter: diffusers, kohya (LyCORIS), comfyui (ComfyUI/Forge), or merged into the model",
@@ -145,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the one the run was trained on)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"), help="dtype of merged exports")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_threads(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("verify", help="check that an exported adapter reproduces its recorded outputs on a base model")
@@ -152,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the one recorded in the file)")
     p.add_argument("--loader", default="ours", choices=("ours", "diffusers"), help="load with our loader or diffusers' load_lora_weights")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error per component (default: 1e-4)")
+    _add_threads(p)
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("compare", help="train several methods/ranks with identical settings; grid, analysis, table",
@@ -165,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the grid images")
     p.add_argument("--sample-size", type=int, default=None, help="grid image size in pixels (default: the model's)")
     add_config_arguments(p)
+    _add_threads(p)
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("analyze", help="weight-decomposition analysis (DoRA paper §3.2): ΔD vs ΔM per layer and checkpoint")
@@ -172,12 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/analysis", help="folder for decomposition.png/.csv/.json (default: outputs/analysis)")
     p.add_argument("--model", default=None, help="base model (default: the one each run recorded)")
     p.add_argument("--layers", default=None, help="only these layers: comma-separated whole-name patterns, e.g. to_q")
+    _add_threads(p)
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("demo", help="train LoRA and DoRA on the sample subject and write a side-by-side grid")
     p.add_argument("--output", default="outputs/demo", help="folder of the demo (default: outputs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
+    _add_threads(p)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("app", help="the Gradio app: compare base | LoRA | DoRA, train, export")
@@ -186,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    _add_threads(p)
     p.set_defaults(func=_app)
     return parser
 

@@ -91,7 +91,7 @@ def test_errors_come_back_as_messages(served):
         client.predict("a photo", "", 0, 2, 5.0, 68, 64, "", 1.0, "", 1.0, api_name="/compare")
 
 
-def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkeypatch):
+def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkeypatch, capsys):
     """``dora-diffusion app``: localhost by default, no share link unless asked, the workspace folder given."""
     import gradio as gr
 
@@ -101,6 +101,8 @@ def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkey
     assert (args.host, args.port, args.share, args.outputs, args.model) == ("127.0.0.1", 7860, False, "outputs", None)
     launched = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
-    assert main(["app", "--model", str(tiny_model), "--outputs", str(tmp_path / "ws"), "--port", "7999", "--share"]) == 0
+    assert main(["app", "--model", str(tiny_model), "--outputs", str(tmp_path / "ws"), "--port", "7999", "--share",
+                 "--threads", "1"]) == 0
+    assert "torch threads: 1 (--threads)" in capsys.readouterr().out
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999 and launched["share"] is True
     assert launched["allowed_paths"] == [str((tmp_path / "ws" / "exports").resolve())]
