@@ -205,11 +205,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
         tp = _base_type(f.type)
         default = f.default
         shown = "" if default in (None, "", False) else f" (default: {default})"
+        text = (meta["help"] + shown).replace("%", "%%")  # argparse formats help with %: "~4% slower" is text
         if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=meta["help"] + shown)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(flag, type=tp, default=argparse.SUPPRESS, choices=meta.get("choices"),
-                               help=meta["help"] + shown, required=f.name in required)
+                               help=text, required=f.name in required)
 
 
 def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:

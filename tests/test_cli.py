@@ -1,9 +1,19 @@
-"""The command line: the thread count every subcommand chooses and prints."""
+"""The command line: help that reads right, and the thread count every subcommand chooses and prints."""
 
 import pytest
 import torch
 
 from dora_diffusion.cli import build_parser, main
+
+
+def test_train_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "%(" not in out and "option_strings" not in out and "Traceback" not in out
+    assert "~4% slower" in " ".join(out.split())  # the text itself, '%' included
+    assert "train --output outputs/toy-dora --resume latest" in out
 
 
 @pytest.mark.parametrize("command", [["train"], ["compare"], ["demo"], ["app"], ["analyze", "run"],
