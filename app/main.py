@@ -42,15 +42,21 @@ CSS = """
 NONE = ("none", "")
 FORMATS = [
     ("diffusers: pipe.load_lora_weights", "diffusers"),
-    ("kohya: ComfyUI, A1111 / Forge", "kohya"),
+    ("comfyui: ComfyUI, Forge", "comfyui"),
+    ("kohya: LyCORIS, sd-scripts", "kohya"),
     ("merged model: diffusers folder (zip)", "merged-folder"),
-    ("merged model: one .safetensors (SDXL layout)", "merged-single"),
+    ("merged model: one .safetensors (SDXL layout): A1111, ComfyUI, from_single_file", "merged-single"),
 ]
 USAGE = {
     "diffusers": "```python\npipe = StableDiffusionXLPipeline.from_pretrained(base)\npipe.load_lora_weights('{file}')\n```",
-    "kohya": "Copy `{file}` into `ComfyUI/models/loras/` or A1111/Forge `models/Lora/`.",
+    "comfyui": "Copy `{file}` into `ComfyUI/models/loras/` or Forge's `models/Lora/`. Its DoRA magnitudes are "
+               "written for their formula (they divide by the base weight's norm): for LyCORIS, sd-scripts, or a "
+               "ComfyUI that has merged its fix (Comfy-Org/ComfyUI#15458), export `kohya` instead.",
+    "kohya": "For LyCORIS and sd-scripts (`--network_module lycoris.kohya`, the file's `ss_network_args`). "
+             "ComfyUI and Forge read a DoRA file of this kind approximately: export `comfyui` for them.",
     "merged-folder": "Unzip it, then\n```python\npipe = StableDiffusionXLPipeline.from_pretrained('<unzipped folder>')\n```",
-    "merged-single": "```python\npipe = StableDiffusionXLPipeline.from_single_file('{file}')\n```\nor copy it into `ComfyUI/models/checkpoints/`.",
+    "merged-single": "```python\npipe = StableDiffusionXLPipeline.from_single_file('{file}')\n```\nor copy it into "
+                     "`ComfyUI/models/checkpoints/` or A1111's `models/Stable-diffusion/` (the exact file for A1111).",
 }
 
 

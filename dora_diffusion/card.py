@@ -64,6 +64,20 @@ from dora_diffusion import load_adapter
 load_adapter(pipe, "{output.name}", scale=1.0)
 ```
 
+## Which file goes into which tool
+
+| tool | file |
+|---|---|
+| diffusers, dora-diffusion | `pytorch_lora_weights.safetensors` (this folder, as above) |
+| ComfyUI, Forge | `comfyui/{output.name}.safetensors`: DoRA magnitudes written for their formula, which divides by the base weight's norm (if ComfyUI merges its fix, Comfy-Org/ComfyUI#15458, use the kohya file there) |
+| LyCORIS, sd-scripts | `dora-diffusion export --adapter {output.name} --format kohya --out {output.name}_kohya.safetensors` |
+| A1111 | the merged checkpoint: `dora-diffusion export --adapter {output.name} --format merged-single --out {output.name}_sdxl.safetensors` |
+
+diffusers, ComfyUI and LyCORIS load these files exactly in dora-diffusion's test suite, run with their own
+code. Forge applies DoRA with ComfyUI's formula (read from its code, not run). A1111 is not run either: by its
+code its DoRA normalises per input column only, so no output-axis DoRA file is exact there, and a merged checkpoint
+has no adapter to misread. The ComfyUI/Forge file is exact on the base weights it was computed from (this run's).
+
 `training_config.json` holds every option of this run.
 """
 

@@ -35,7 +35,7 @@ from .sampling import SampleSettings
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("diffusers", "kohya", "merged-folder", "merged-single")
+EXPORT_FORMATS = ("diffusers", "kohya", "comfyui", "merged-folder", "merged-single")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 TRAIN_METHODS = ("lora", "dora", "both")
 UPLOADS_DIR = "uploads"

@@ -258,6 +258,7 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
 
     from .card import write_model_card
     from .formats import save_adapter
+    from .formats.comfyui import save_comfyui
     from .models import load_pipeline, resolve_model
 
     # ---- set-up: refuse bad options and folders before anything heavy
@@ -500,9 +501,11 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
     adapter_file = output / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
         unwrapped = {c: accelerator.unwrap_model(m) for c, m in modules.items()}
-        adapter_file = save_adapter(unwrapped, output, overwrite=True, metadata={
-            "base_model": config.model or "embedded-tiny-sdxl", "instance_prompt": config.prompt,
-            "trained_steps": config.max_steps, "resolution": resolution, "seed": config.seed})
+        run_metadata = {"base_model": config.model or "embedded-tiny-sdxl", "instance_prompt": config.prompt,
+                        "trained_steps": config.max_steps, "resolution": resolution, "seed": config.seed}
+        adapter_file = save_adapter(unwrapped, output, overwrite=True, metadata=run_metadata)
+        # the file for ComfyUI and Forge: its dora_scale depends on the base weights (formats/comfyui.py)
+        save_comfyui(unwrapped, output / "comfyui" / f"{output.name}.safetensors", overwrite=True, metadata=run_metadata)
         write_model_card(output, config, resolution=resolution, trainable_parameters=n_trainable, images=validation_images)
     accelerator.wait_for_everyone()
     accelerator.end_training()

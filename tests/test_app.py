@@ -91,6 +91,21 @@ def test_errors_come_back_as_messages(served):
         client.predict("a photo", "", 0, 2, 5.0, 68, 64, "", 1.0, "", 1.0, api_name="/compare")
 
 
+def test_export_tab_names_the_file_for_each_tool(served):
+    from gradio_client import Client
+
+    from dora_diffusion.engine import EXPORT_FORMATS
+
+    module = load_app_module()
+    labels = {value: label for label, value in module.FORMATS}
+    assert set(labels) == set(module.USAGE) == set(EXPORT_FORMATS)
+    assert "ComfyUI" in labels["comfyui"] and "Forge" in labels["comfyui"]
+    assert "LyCORIS" in labels["kohya"] and "ComfyUI" not in labels["kohya"] and "A1111" in labels["merged-single"]
+    app, _ = served
+    file, usage = Client(app.local_url, verbose=False).predict("demo/dora", "comfyui", "float32", api_name="/export")
+    assert Path(file).name.endswith("-comfyui.safetensors") and "ComfyUI/models/loras/" in usage and "kohya" in usage
+
+
 def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkeypatch, capsys):
     """``dora-diffusion app``: localhost by default, no share link unless asked, the workspace folder given."""
     import gradio as gr

@@ -144,6 +144,13 @@ def test_cli_end_to_end_and_both_loaders(tiny_model, small_data, tmp_path):
         b = theirs.unet(**unet_inputs(theirs.unet, size=8)).sample
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a, base_out.detach(), atol=1e-5)
+    # the ComfyUI/Forge file, written by default; the card says which file goes where
+    comfy = StableDiffusionXLPipeline.from_pretrained(tiny_model)
+    assert load_adapter(comfy, out / "comfyui" / "cli-run.safetensors").metadata["layout"] == "comfyui"
+    with torch.no_grad():
+        torch.testing.assert_close(comfy.unet(**unet_inputs(comfy.unet, size=8)).sample, a, rtol=1e-5, atol=1e-5)
+    card = (out / "README.md").read_text()
+    assert "| ComfyUI, Forge | `comfyui/cli-run.safetensors`" in card and "--format kohya" in card and "merged-single" in card
 
 
 def _free_port() -> int:
