@@ -213,13 +213,38 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
                                help=text, required=f.name in required)
 
 
+def resumed_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the run that ``values`` resume was started with: its checkpoint's (``resume`` a
+    checkpoint folder) or its output folder's ``training_config.json`` (``resume = "latest"``); ``{}``
+    when not resuming or nothing was saved. So ``--output X --resume latest`` continues run X as it was."""
+    resume = values.get("resume")
+    if not resume:
+        return {}
+    if resume == "latest":
+        source = Path(values.get("output") or TrainConfig.output) / "training_config.json"
+    else:
+        source = Path(resume) / "state.json"
+    if not source.is_file():
+        return {}
+    try:
+        saved = json.loads(source.read_text(encoding="utf-8"))
+        saved = saved["config"] if source.name == "state.json" else saved
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"resume: {source} could not be read ({e})") from None
+    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite"}
+    return {k: v for k, v in saved.items() if k in names}
+
+
 def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
-    """The config file's values (``args.config``), overridden by the options given on the command line."""
+    """The config file's values (``args.config``), overridden by the options given on the command line;
+    when resuming, the run's saved options fill in what neither gives."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(read_config_file(args.config))
     names = {f.name for f in fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    if cls is TrainConfig:
+        values = {**resumed_options(values), **values}
     try:
         return cls(**values)
     except TypeError as e:

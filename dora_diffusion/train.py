@@ -22,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .inject import add_adapters, adapter_parameters, adapter_state_dict, adapte
 CHECKPOINT_DIR = "checkpoints"
 LOG_NAME = "train_log.jsonl"
 CONFIG_NAME = "training_config.json"
+LOCK_NAME = ".train.lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,13 +133,86 @@ def prepare_output(config: TrainConfig) -> Path:
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not config.resume and not config.overwrite:
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not config.resume and not config.overwrite:
         raise ConfigError(
             f"output: {out} already exists and is not empty; use --resume latest to continue it, "
             "another --output, or --overwrite to write into it anyway"
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path) -> Iterator[None]:
+    """Hold ``<output>/.train.lock`` (created exclusively, holding our pid) while a run writes there, so a
+    second run into the same folder stops at once. A lock whose process is gone (killed) is taken over.
+    Released on the way out, errors included; a folder this made and nothing filled is removed again.
+    Under several processes rank 0 holds it for all (they share the folder)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output: {out} exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            text = lock.read_text(errors="replace").strip()
+            pid = int(text) if text.isdigit() else None
+            if pid is None or _pid_alive(pid):  # unreadable: maybe being written; assume it is held
+                raise ConfigError(
+                    f"output: {out} is in use by another training run (pid {pid if pid else '?'}, lock file {lock}); "
+                    "wait for it to end or choose another --output (if no run is going, delete the lock file)") from None
+            print(f"output: taking over the lock of process {pid} in {out}: that process is no longer running")
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise ConfigError(f"output: {out} is in use by another training run that is just starting (lock file {lock})")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: a run refused before writing anything leaves no folder
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(json.loads((path / "state.json").read_text())["step"])
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the log rows after ``step``: a resumed run repeats the steps its killed predecessor logged past
+    the checkpoint. Rewritten through a temporary file renamed into place; a half-written line goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def find_checkpoint(output: Path, resume: str) -> Path:
@@ -249,7 +323,13 @@ def adapter_checksum(modules: dict) -> float:
 
 def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None = None) -> TrainResult:
     """Train as ``config`` says. ``should_stop(step, loss)`` is asked after every step; when it answers
-    True the run checkpoints and stops cleanly (``TrainResult.stopped``), resumable with ``resume``."""
+    True the run checkpoints and stops cleanly (``TrainResult.stopped``), resumable with ``resume``.
+    One run at a time per output folder (``output_lock``)."""
+    with output_lock(config.output):
+        return _train(config, should_stop)
+
+
+def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
@@ -268,6 +348,10 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     output = prepare_output(config)
     resume_from = find_checkpoint(output, config.resume) if config.resume else None
+    if resume_from is not None and checkpoint_step(resume_from) > config.max_steps:
+        raise ConfigError(f"max_steps: {config.max_steps} is below the step of checkpoint {resume_from} "
+                          f"(step {checkpoint_step(resume_from)}); max_steps is the total to train to, so "
+                          f"resume with --max-steps {checkpoint_step(resume_from)} or more")
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_world == 1:
         # accelerate keeps its state per process: a second run in the same process (the app, `compare`)
@@ -397,6 +481,7 @@ def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None 
     if resume_from is not None:
         start_step = load_checkpoint(accelerator, resume_from, modules, optimizer, lr_scheduler, config)
         if accelerator.is_main_process:
+            truncate_log(output / LOG_NAME, start_step)  # one row per step, steps increasing
             print(f"resumed from {resume_from} at step {start_step}")
     if accelerator.is_main_process:
         if config.report_to != "none":

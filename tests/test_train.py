@@ -295,3 +295,57 @@ def test_prior_preservation_generates_class_images_once(tiny_model, small_data, 
     stamps = [p.stat().st_mtime_ns for p in made]
     train(quick(tiny_model, small_data, tmp_path / "b", **kw))  # kept for later runs: nothing regenerated
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
+
+
+class Crash(Exception):
+    """Stands for a kill in the middle of a run (after a step's log row, before its checkpoint)."""
+
+
+def _crash_at(step):
+    def should_stop(done, loss):
+        if done == step:
+            raise Crash(done)
+        return False
+    return should_stop
+
+
+def _log_steps(out):
+    return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_from_the_output_folder_alone_after_a_crash(tiny_model, small_data, tmp_path, capsys):
+    """`train --output X --resume latest` (the help's example) continues with the run's own options; the
+    log keeps one row per step; a --max-steps below the checkpoint's step is refused, nothing relabelled."""
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(quick(tiny_model, small_data, out, method="lora", rank=4, max_steps=4, checkpoint_steps=2),
+              should_stop=_crash_at(3))
+    assert _log_steps(out) == [1, 2, 3]  # step 3 logged, its checkpoint never written
+    assert not (out / ".train.lock").exists()  # released on the way out
+    assert main(["train", "--output", str(out), "--resume", "latest"]) == 0, capsys.readouterr().err
+    assert "resumed from" in capsys.readouterr().out
+    assert _log_steps(out) == [1, 2, 3, 4]  # the crashed run's step 3 dropped, not doubled
+    resolved = json.loads((out / "training_config.json").read_text())
+    assert (resolved["method"], resolved["rank"], resolved["data"]) == ("lora", 4, small_data)
+    adapter = out / "pytorch_lora_weights.safetensors"
+    before = adapter.read_bytes()
+    assert main(["train", "--output", str(out), "--resume", "latest", "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "max_steps" in err and "2" in err and "step 4" in err, err
+    assert adapter.read_bytes() == before and _log_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_second_run_into_the_same_folder_stops_at_once(tiny_model, small_data, tmp_path, capsys):
+    out = tmp_path / "shared"
+    out.mkdir()
+    lock = out / ".train.lock"
+    lock.write_text(f"{os.getpid()}\n")  # a live run holds the folder
+    with pytest.raises(ConfigError, match=f"{out}.*in use by another training run.*pid {os.getpid()}"):
+        train(quick(tiny_model, small_data, out, max_steps=1))
+    assert lock.read_text() == f"{os.getpid()}\n" and [p.name for p in out.iterdir()] == [".train.lock"]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a lock left by a process that no longer runs (kill -9) is taken over
+    lock.write_text(f"{gone.pid}\n")
+    result = train(quick(tiny_model, small_data, out, max_steps=1))
+    assert result.adapter_file.is_file() and f"process {gone.pid}" in capsys.readouterr().out
+    assert not lock.exists()
