@@ -191,7 +191,13 @@ def verify_adapter(adapter: str | os.PathLike, model: str | None = None, *, load
     if loader == "ours":
         load_adapter(pipe, file)
     elif loader == "diffusers":
-        pipe.load_lora_weights(str(file))
+        try:
+            pipe.load_lora_weights(str(file))
+        except Exception as e:  # raised deep inside diffusers/PEFT: one line, as our loader gives
+            detail = " ".join(str(e).split())
+            detail = detail if len(detail) <= 300 else detail[:300] + "..."
+            raise AdapterFileError(f"{file}: diffusers' load_lora_weights could not load it "
+                                   f"({type(e).__name__}: {detail})") from None
     else:
         raise AdapterFileError(f"loader: must be 'ours' or 'diffusers', got {loader!r}")
     return VerifyReport(str(file), model, loader, compare_probes(recorded, probe_outputs(pipe)), tolerance)

@@ -224,6 +224,30 @@ def test_cli_comfyui_export_says_which_tools_it_is_for(tmp_path, tiny_model, cap
     assert verify_adapter(tmp_path / "c" / "adapter_comfyui.safetensors", tiny_model).ok  # our loader reads it exactly
 
 
+def test_verify_with_diffusers_on_a_wrong_shape_file_is_one_line(tmp_path, tiny_model, capsys):
+    """A file whose tensors no longer fit the model but that keeps its probe: diffusers' loader raises
+    deep inside PEFT; verify says so in one line naming the file, as our loader does."""
+    _, run = _saved_run(tmp_path, tiny_model, "lora", ("unet",))
+    good = export_adapter(run, "diffusers", tmp_path / "d")
+    tensors = load_file(str(good))
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    key = next(k for k in sorted(tensors) if k.endswith("lora.down.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)  # [r, in + 3]
+    bad = tmp_path / "bad" / "pytorch_lora_weights.safetensors"
+    bad.parent.mkdir()
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(AdapterFileError, match="bad.*pytorch_lora_weights") as raised:
+        verify_adapter(bad, tiny_model, loader="diffusers")
+    assert "\n" not in str(raised.value) and len(str(raised.value)) < 600, str(raised.value)
+    from dora_diffusion.cli import main
+
+    assert main(["verify", "--adapter", str(bad), "--model", tiny_model, "--loader", "diffusers"]) == 2
+    err = capsys.readouterr().err  # besides diffusers' progress bars: one line
+    assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("error: ")] == [
+        f"error: {raised.value}"], err[-2000:]
+
+
 def test_bad_kohya_files_leave_the_pipeline_unchanged(tmp_path, tiny_model):
     pipe = base(tiny_model)
     before = outputs(pipe)
