@@ -10,11 +10,16 @@ What is skipped (with a warning, recorded in the report): files Pillow cannot de
 truncated, not really an image), images over the decompression-bomb pixel limit, and images whose
 shorter side is far below the training resolution. Files of other types are ignored and counted.
 Hidden files (``.DS_Store``, ``._IMG_0001.jpg``) and sub-folders are not looked at.
+
+Symlinks are followed. One to a file outside the folder is used too (a folder of links into a photo
+library is a common way to pick a subject's images), with a warning naming the link and its target, so
+nothing from elsewhere trains unannounced; a dangling one is reported by name as broken.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,6 +138,10 @@ class ScanReport:
     """Image files left out, with the reason (corrupt, too small, too many pixels)."""
     ignored: list[Path] = field(default_factory=list)
     """Other entries: files of unsupported types, captions without an image, sub-folders."""
+    linked_outside: list[tuple[Path, Path]] = field(default_factory=list)
+    """Used images and captions that are symlinks to files outside the folder: (link, resolved target)."""
+    broken_links: list[tuple[Path, Path]] = field(default_factory=list)
+    """Symlinks whose target does not exist: (link, target as written in the link)."""
 
     def summary(self) -> str:
         """A few lines for the log: counts, sizes, captions, and everything that was left out."""
@@ -151,6 +160,10 @@ class ScanReport:
             lines.extend(f"    {r.path.name}: {r.caption!r}" for r in captioned)
         for path, reason in self.skipped:
             lines.append(f"  skipped {path.name}: {reason}")
+        for link, target in self.linked_outside:
+            lines.append(f"  outside the folder (symlink, used): {link.name} -> {target}")
+        for link, target in self.broken_links:
+            lines.append(f"  broken symlink {link.name} -> {target}: its target does not exist")
         if self.ignored:
             kinds = collections.Counter(_kind(p) for p in self.ignored)
             lines.append("  ignored: " + ", ".join(f"{k} ({n})" for k, n in sorted(kinds.items())))
@@ -235,14 +248,19 @@ def scan_subject_folder(
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     if not entries:
         raise DataError(f"Subject folder is empty: {folder}")
+    report = ScanReport(folder=folder, resolution=resolution)
+    report.broken_links = [(p, Path(os.readlink(p))) for p in entries if p.is_symlink() and not p.exists()]
+    for link, target in report.broken_links:
+        warnings.warn(f"Skipping {link}: broken symlink to {target}, which does not exist", UserWarning, stacklevel=2)
+    entries = [p for p in entries if p.exists()]
     images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     image_set, image_stems = set(images), {p.stem for p in images}
-    report = ScanReport(folder=folder, resolution=resolution)
-    report.ignored = [p for p in entries if p not in image_set
-                      and not (p.suffix == CAPTION_SUFFIX and p.stem in image_stems and p.is_file())]
+    captions = [p for p in entries if p.suffix == CAPTION_SUFFIX and p.stem in image_stems and p.is_file()]
+    report.ignored = [p for p in entries if p not in image_set and p not in captions]
     if not images:
         found = ", ".join(f"{k} ({n})" for k, n in sorted(collections.Counter(map(_kind, entries)).items()))
-        raise DataError(f"No images in {folder}: found {found}; "
+        broken = "; broken symlinks: " + ", ".join(p.name for p, _ in report.broken_links) if report.broken_links else ""
+        raise DataError(f"No images in {folder}: found {found or 'nothing usable'}{broken}; "
                         f"accepted types are {', '.join(sorted(IMAGE_EXTENSIONS))}")
 
     for path in images:
@@ -258,6 +276,13 @@ def scan_subject_folder(
     if not report.used:
         reasons = "; ".join(f"{p.name}: {r}" for p, r in report.skipped)
         raise DataError(f"No usable images in {folder}: all {len(report.skipped)} were skipped ({reasons})")
+    inside = folder.resolve()
+    used = [r.path for r in report.used] + [c for c in captions if c.stem in {r.path.stem for r in report.used}]
+    for link in sorted(p for p in used if p.is_symlink()):
+        target = link.resolve()
+        if inside not in target.parents:
+            warnings.warn(f"{link} is a symlink to {target}, outside {folder}; it is used", UserWarning, stacklevel=2)
+            report.linked_outside.append((link, target))
     return report
 
 

@@ -183,6 +183,38 @@ def test_all_skipped_names_folder_and_reasons(tmp_path):
     assert "tiny.png" in str(excinfo.value) and "junk.jpg" in str(excinfo.value)
 
 
+# ------------------------------------------------------------------------------ symlinks
+def test_symlinks_inside_are_followed_outside_named_broken_reported(tmp_path):
+    """A link to an image in the folder is used quietly; a link to a file outside it is used with a
+    warning naming both; a dangling link is reported by name as broken, not counted as ignored."""
+    folder, elsewhere = tmp_path / "subject", tmp_path / "library"
+    folder.mkdir()
+    elsewhere.mkdir()
+    noise_image(seed=1).save(folder / "real.png")
+    (folder / "inside.png").symlink_to("real.png")
+    noise_image(seed=2).save(elsewhere / "far.png")
+    (folder / "outside.png").symlink_to(elsewhere / "far.png")
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = scan_subject_folder(folder, RES)
+    messages = [str(w.message) for w in caught]
+    assert [r.path.name for r in report.used] == ["inside.png", "outside.png", "real.png"]
+    assert report.linked_outside == [(folder / "outside.png", (elsewhere / "far.png").resolve())]
+    assert report.broken_links == [(folder / "dangling.jpg", tmp_path / "gone.jpg")] and report.ignored == []
+    assert any("outside.png" in m and str(elsewhere / "far.png") in m for m in messages), messages
+    assert any("dangling.jpg" in m and "broken" in m for m in messages), messages
+    assert not any("inside.png" in m for m in messages), messages
+    summary = report.summary()
+    assert "outside.png -> " in summary and "broken symlink dangling.jpg" in summary and "ignored" not in summary.split("\n", 1)[1]
+
+
+def test_only_broken_symlinks_names_them(tmp_path):
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "missing.jpg")
+    with pytest.raises(DataError, match="broken symlink.*a.jpg"):
+        scan_quietly(tmp_path)
+
+
 # ------------------------------------------------------------------------------ skipped images
 def test_corrupt_and_truncated_files_are_skipped_with_warnings(tmp_path):
     noise_image().save(tmp_path / "good.jpg", quality=90)
