@@ -192,6 +192,32 @@ def test_truncated_and_garbage_files_are_clear_errors(tiny_components, tmp_path)
         load_adapter(pipe, tmp_path / "missing.safetensors")
 
 
+def test_non_finite_adapter_loads_with_a_warning_naming_file_and_key(tiny_components, tmp_path):
+    """A diverged run saves NaN/inf with the right shapes: it loads (what the user asked), but not silently."""
+    from safetensors.torch import load_file
+
+    pipe = trained_pipe(tiny_components, "dora", ("unet",))
+    file = save_adapter(pipe, tmp_path / "run")
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(file))
+    bad_key = sorted(k for k in tensors if k.endswith("lora.up.weight"))[1]
+    tensors[bad_key] = tensors[bad_key].clone()
+    tensors[bad_key][0, 0] = float("nan")
+    tensors[sorted(tensors)[-1]] = torch.full_like(tensors[sorted(tensors)[-1]], float("inf"))
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    first = next(k for k in tensors if not torch.isfinite(tensors[k]).all())  # the file's order
+    with pytest.warns(UserWarning, match=rf"bad\.safetensors.*{first}.*NaN or inf.*2 tensors") as caught:
+        load_adapter(fresh(tiny_components), bad)
+    assert len(caught) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finite file: no warning
+        load_adapter(fresh(tiny_components), file)
+
+
 def test_adapter_for_another_architecture_is_refused(tiny_components, tmp_path):
     # An SD 1.5-style file: same module names, 768/320-wide layers that this UNet does not have.
     q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

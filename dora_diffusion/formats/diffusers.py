@@ -26,6 +26,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -292,6 +293,15 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return tensors, meta, file
 
 
+def warn_if_not_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Warn, naming ``source`` and the first key, when tensors hold NaN or inf: a run that diverged saves
+    them with the right shapes, so they load, and every image made with them is black or noise."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(f"{source}: {bad[0]} holds NaN or inf values ({len(bad)} tensors of {len(tensors)} do); "
+                      "the run that wrote it probably diverged", UserWarning, stacklevel=3)
+
+
 @dataclass
 class LayerSpec:
     component: str
@@ -458,6 +468,7 @@ def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0) -> Load
     from .kohya import is_kohya, plan_kohya
 
     tensors, meta, file = read_adapter_file(path)
+    warn_if_not_finite(tensors, str(file))
     plan = plan_kohya if is_kohya(tensors) else plan_adapters
     planned, report = plan(pipe, tensors, meta, str(file))
     comps = components_of(pipe)
