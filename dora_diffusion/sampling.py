@@ -82,10 +82,14 @@ def image_grid(
     w, h = rows[0][0].size
     n_cols = max(len(r) for r in rows)
     top = label_height if col_labels else 0
-    left = max(120, label_height * 4) if row_labels else 0
+    font = _font(max(10, label_height // 2))
+    left = 0
+    if row_labels:  # wide enough for the longest label, measured in the font it is drawn with
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        widest = max(measure.textbbox((4, 6), label, font=font)[2] for label in row_labels)
+        left = max(120, label_height * 4, widest + 8)
     grid = Image.new("RGB", (left + n_cols * w, top + len(rows) * h), "white")
     draw = ImageDraw.Draw(grid)
-    font = _font(max(10, label_height // 2))
     for c, label in enumerate(col_labels or []):
         draw.text((left + c * w + 4, 6), label, fill="black", font=font)
     for r, row in enumerate(rows):
