@@ -46,7 +46,7 @@ def state_dicts(pipe) -> dict[str, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def strengthen(pipe, seed: int) -> None:
-    """Random adapter tensors with ‖sΔ‖ = 0.4·‖W0‖ per layer and magnitudes 30 % off ‖W0‖ (a trained DoRA
+    """Random adapter tensors with ‖sΔ‖ = 0.4·‖W0‖ per layer and magnitudes ~30 % off ‖W0‖ (a trained DoRA
     moves them by a few percent: this is the worst case for a loader that gets the normalisation wrong)."""
     g = torch.Generator().manual_seed(seed)
     for comp in COMPONENTS:
@@ -55,7 +55,7 @@ def strengthen(pipe, seed: int) -> None:
                 if n.startswith("base."):
                     continue
                 noise = torch.randn(p.shape, generator=g)
-                p.copy_(p * (1 + 0.3 * noise) if n == "magnitude" else noise)
+                p.copy_(p * torch.exp(0.3 * noise) if n == "magnitude" else noise)  # magnitudes stay positive
             if a.method != "magnitude":
                 r = float(lora_delta(a.lora_A, a.lora_B, a.scaling).norm() / a.base.weight.norm())
                 (a.vera_b if a.method == "dvora" else a.lora_B).mul_(0.4 / r)
@@ -246,6 +246,24 @@ def test_comfyui_reads_a_diffusers_file_without_magnitudes_and_unet_attention(ma
     assert min(best(errors(got, ours(made, "dora"), made.base)).values()) > 0.05
 
 
+def test_comfyui_key_conversions_read_our_merged_single_file(made, comfy):
+    """ComfyUI's checkpoint loader needs its whole model code (not in the fixture), but the key conversions it
+    applies to an SDXL checkpoint are there: UNet SGM names (``unet_to_diffusers``, ComfyUI's UNet uses them as
+    they are) and CLIP-G's OpenCLIP layout (``clip_text_transformers_convert``, with the prefixes that ComfyUI's
+    SDXL model definition passes it); CLIP-L only changes prefix. Through them the file holds our W'."""
+    c = comfy.import_comfy()
+    sd = load_file(str(export(made, "dora", "merged-single")))
+    to_sgm = c.utils.unet_to_diffusers(comfy.unet_config_from_diffusers(made.base["unet"]))
+    got = {"unet": {k: sd["model.diffusion_model." + v] for k, v in to_sgm.items() if k in made.base["unet"]}}
+    clip = c.utils.state_dict_prefix_replace(dict(sd), {"conditioner.embedders.0.transformer.text_model": "clip_l.transformer.text_model"})
+    clip = c.utils.clip_text_transformers_convert(clip, "conditioner.embedders.1.model.", "clip_g.transformer.")
+    for comp, prefix in comfy.CLIP_PREFIX.items():
+        got[comp] = {k: clip[prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k)]
+                     for k in made.base[comp] if k.endswith(".weight")}
+    errs = errors(got, ours(made, "dora"), made.base)
+    assert set(errs) == set(COMPONENTS) and max(worst(errs).values()) < EXACT, worst(errs)
+
+
 # --------------------------------------------------------------------------------------------
 # LyCORIS, from PyPI
 # --------------------------------------------------------------------------------------------
@@ -343,10 +361,10 @@ def test_lycoris_misreads_the_comfyui_export(made, lycoris):
 # --------------------------------------------------------------------------------------------
 
 
-def diffusers_fused(made, file: Path):
+def diffusers_fused(made, file: Path, scale: float = 1.0):
     pipe = load_pipeline(made.model)
     pipe.load_lora_weights(str(file))
-    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=scale)
     pipe.unload_lora_weights()
     return state_dicts(pipe)
 
@@ -358,6 +376,22 @@ def test_diffusers_applies_only_the_lora_part_of_kohya_dora_files(made, method, 
     errs = errors(got, lora_part_only(made, method), made.base)
     assert set(errs) == set(COMPONENTS) and max(worst(errs).values()) < EXACT, worst(errs)
     assert min(best(errors(got, ours(made, method), made.base)).values()) > 0.05
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_diffusers_scale_is_ours_and_keeps_the_trained_magnitude(made, scale):
+    """PEFT's scale (diffusers' ``lora_scale``, our ``load_adapter(scale=)``) scales the direction's update only:
+    the trained magnitude stays applied, so scale 0 is the magnitude-only model, not the base model."""
+    file = export(made, "dora", "diffusers")
+    pipe = load_pipeline(made.model)
+    load_adapter(pipe, file, scale=scale)
+    ours_at = {c: {f"{n}.weight": a.adapted_weight().detach() for n, a in adapter_modules(getattr(pipe, c))} for c in COMPONENTS}
+    got = diffusers_fused(made, file, scale)
+    assert max(worst(errors(got, ours_at, made.base)).values()) < EXACT
+    if scale == 0.0:  # m ⊙ W0 / ‖W0‖_row with the trained m
+        magnitude_only = {c: {f"{n}.weight": merged_weight(a.base.weight, None, None, 0.0, a.magnitude).detach()
+                              for n, a in adapter_modules(getattr(pipe, c))} for c in COMPONENTS}
+        assert max(worst(errors(got, magnitude_only, made.base)).values()) < EXACT
 
 
 # --------------------------------------------------------------------------------------------
