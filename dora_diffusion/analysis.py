@@ -24,6 +24,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -661,7 +662,15 @@ def _undefined(rows: list[DecompositionRow], run: str) -> str:
 
 
 def plot_decomposition(result: AnalysisResult, path: str | os.PathLike) -> Path:
-    """A PNG in the manner of the paper's Figure 2: ΔD (x) against ΔM (y), one panel per run, points
+    """``decomposition_figure`` as a PNG."""
+    fig = decomposition_figure(result)
+    out = Path(path)
+    _write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    return out
+
+
+def decomposition_figure(result: AnalysisResult):
+    """A figure in the manner of the paper's Figure 2: ΔD (x) against ΔM (y), one panel per run, points
     coloured by checkpoint step, the least-squares line, and Pearson's r in the title."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -689,15 +698,18 @@ def plot_decomposition(result: AnalysisResult, path: str | os.PathLike) -> Path:
                            max(r.delta_d for r in result.rows if r.run == run)])
             ax.plot(xs, fit.slope * xs + fit.intercept, color="black", linestyle="--", linewidth=1)
         r_text = f"r = {fit.pearson:+.2f}" if math.isfinite(fit.pearson) else _undefined(result.rows, run)
-        ax.set_title(f"{fit.method}: {run}\n{r_text} ({fit.points} points)", fontsize=10)
+        # Layout: the title wraps to its panel's width and sits clear above the axis multiplier (×10⁻³);
+        # no additive offsets ("+1.2×10⁴"), whose long text runs into the axis label, and so few enough
+        # x ticks for their longer labels.
+        name = textwrap.fill(f"{fit.method}: {run}", 44, break_on_hyphens=False)
+        ax.set_title(f"{name}\n{r_text} ({fit.points} points)", fontsize=10, pad=16)
         ax.set_xlabel("ΔD  (mean 1 − cos, per row)")
         ax.set_ylabel("ΔM  (mean |‖W′ₙ‖ − ‖W0ₙ‖|)" if i == 0 else "")
-        ax.ticklabel_format(style="sci", scilimits=(-2, 3), useMathText=True)
+        ax.ticklabel_format(style="sci", scilimits=(-2, 3), useMathText=True, useOffset=False)
+        ax.locator_params(axis="x", nbins=4)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, title="checkpoint", title_fontsize=8, loc="best", ncol=1 + (len(steps) - 1) // 10)
-    out = Path(path)
-    _write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    return out
+    return fig
 
 
 def analyze(runs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, model: str | None = None, *,

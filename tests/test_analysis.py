@@ -177,6 +177,40 @@ def test_adapter_modules_decompose_as_their_adapted_weight(method):
     assert (d.delta_d == 0.0) == (method == "magnitude") and d.delta_m > 0
 
 
+# ---- the plot ---------------------------------------------------------------------------------
+
+
+def _texts_overlapping(fig):
+    """Pairs of titles, axis labels, axis multipliers (offset texts) and x tick labels whose drawn boxes overlap."""
+    import itertools
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [(f"panel {i} {kind}", t) for i, ax in enumerate(fig.axes)
+             for kind, t in (("title", ax.title), ("x label", ax.xaxis.label), ("y label", ax.yaxis.label),
+                             ("x multiplier", ax.xaxis.offsetText), ("y multiplier", ax.yaxis.offsetText))
+             if t.get_visible() and t.get_text()]
+    texts += [(f"panel {i} x tick {t.get_text()}", t) for i, ax in enumerate(fig.axes) for t in ax.get_xticklabels()
+              if t.get_visible() and t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    return [(a, b) for (a, s), (b, t) in itertools.combinations(texts, 2)
+            if s.get_window_extent(renderer).overlaps(t.get_window_extent(renderer))]
+
+
+@pytest.mark.parametrize("name, delta_m, delta_d", [
+    ("run-dora", lambda i: 1e-3 * (1 + i % 7), lambda i: 1e-4 * (1 + i % 5)),  # ×10⁻³ / ×10⁻⁴ multipliers
+    ("outputs/a-rather-long-run-name-for-toy-dora-r16@checkpoint-1000", lambda i: 0.2 * i, lambda i: 0.5 + 1e-9 * i),
+    ("run-lora", lambda i: 12345.0 + 1e-3 * i, lambda i: 1e-4 * i),  # large values, tiny spread
+], ids=["small", "long-name-flat-x", "large-flat-y"])
+def test_plot_titles_and_axis_labels_do_not_overlap(name, delta_m, delta_d):
+    from dora_diffusion.analysis import AnalysisResult, DecompositionRow, decomposition_figure
+
+    rows = [DecompositionRow(f"{name}-{k}", method, step, "unet", f"layer{i}", delta_m(i), delta_d(i))
+            for k, method in enumerate(("lora", "dora", "dora", "lora", "dora")) for step in (2, 4) for i in range(12)]
+    fig = decomposition_figure(AnalysisResult(rows))
+    assert len(fig.axes) == 5  # two rows of panels: the second row's titles meet the first row's x labels
+    assert _texts_overlapping(fig) == []
+
+
 # ---- runs -------------------------------------------------------------------------------------
 
 
