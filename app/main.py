@@ -9,6 +9,7 @@ import: the engine loads the model on the first generation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import logging
@@ -25,6 +26,9 @@ from PIL import Image
 from dora_diffusion.engine import EXPORT_DTYPES, USER_ERRORS, Engine, TrainProgress, TrainRequest, user_message
 
 log = logging.getLogger("dora_diffusion.app")
+
+GRADIO_TMP = ".gradio-tmp"
+"""Gradio's own files (uploads as received, generated images, downloads), in the workspace."""
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate")
 CSS = """
@@ -116,16 +120,50 @@ def _open_image(path: Path) -> Image.Image | None:
         return None
 
 
-def _loss_frame(p: TrainProgress):
-    import pandas as pd
+# Same seed, same data order: LoRA's and DoRA's losses may coincide. A wide translucent solid line under a
+# thin dashed one with dots shows both (the native line plot tells series apart by colour only).
+LOSS_STYLE = {"LoRA": dict(color="#6366f1", linestyle="-", linewidth=3.5, alpha=0.6, zorder=2),
+              "DoRA": dict(color="#f97316", linestyle="--", linewidth=1.5, marker="o", markersize=3, zorder=3)}
 
-    names = {"lora": "LoRA", "dora": "DoRA"}
-    rows = [(names.get(m, m), step, loss) for m, step, loss in p.losses]
-    if not rows:
+
+def loss_figure(p: TrainProgress):
+    """The training loss per method (``None`` before the first logged step)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    if not p.losses:
         return None
-    # Both series from the first frame: the plot keeps the colours (and legend) of its first data.
-    rows += [(name, rows[0][1], float("nan")) for name in names.values() if name not in {r[0] for r in rows}]
-    return pd.DataFrame(rows, columns=["method", "step", "loss"])
+    names = {"lora": "LoRA", "dora": "DoRA"}
+    fig = Figure(figsize=(6.4, 3.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method in dict.fromkeys(m for m, _, _ in p.losses):
+        points = [(step, loss) for m, step, loss in p.losses if m == method]
+        name = names.get(method, method)
+        ax.plot([s for s, _ in points], [loss for _, loss in points], label=name, **LOSS_STYLE.get(name, {}))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(title="method", loc="upper right", fontsize=8, title_fontsize=8)
+    return fig
+
+
+def receive_uploads(engine: Engine, files, resolution: int) -> tuple[str, str]:
+    """Save uploaded files in the workspace (``Engine.save_uploads``), then delete Gradio's copies of them,
+    saved or refused: they are no longer needed. Files outside Gradio's folder are never touched."""
+    tmp = (engine.workspace / GRADIO_TMP).resolve()
+    try:
+        folder, summary = engine.save_uploads(files or [], resolution)
+    finally:
+        for f in files or []:
+            path = Path(f).resolve()
+            if tmp in path.parents:
+                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()  # Gradio gives every upload a folder of its own
+    return engine.relative(folder), summary
 
 
 def build_app(engine: Engine) -> gr.Blocks:
@@ -134,8 +172,10 @@ def build_app(engine: Engine) -> gr.Blocks:
     size = engine.native_size()
     lora_default, dora_default = engine.default_runs()
     choices = _run_choices(engine)
+    # Read by every component as it is made, and by the server at launch; files older than a day go.
+    os.environ["GRADIO_TEMP_DIR"] = str(engine.workspace / GRADIO_TMP)
 
-    with gr.Blocks(title="dora-diffusion") as app:
+    with gr.Blocks(title="dora-diffusion", delete_cache=(86400, 86400)) as app:
         gr.Markdown(
             f"# dora-diffusion\nDoRA and LoRA side by side on SDXL · model: **{html.escape(engine.model_label)}** · "
             f"workspace: `{_shown_path(engine.workspace)}` · device: {engine.device}", elem_id="header")
@@ -210,12 +250,12 @@ def build_app(engine: Engine) -> gr.Blocks:
                             cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")
                     with gr.Column(scale=3):
                         progress = gr.HTML(_progress_html(engine.training_progress()), elem_id="progress")
-                        loss_plot = gr.LinePlot(x="step", y="loss", color="method", label="Training loss",
-                                                color_map={"LoRA": "#6366f1", "DoRA": "#f97316"})
+                        loss_plot = gr.Plot(label="Training loss", format="png")
                         gallery = gr.Gallery(label="Validation images (fixed seeds, newest first)", columns=4, height=340,
                                              object_fit="contain", interactive=False)
                 timer = gr.Timer(1.0, active=False)
                 seen = gr.State(-1)
+                plotted = gr.State(-1)  # loss points in the plot shown: drawn again only when there are more
 
             # ----------------------------------------------------------------------------- Export
             with gr.Tab("Export", id="export"):
@@ -282,8 +322,8 @@ def build_app(engine: Engine) -> gr.Blocks:
 
         @shown
         def save_uploads(files, resolution):
-            folder, summary = engine.save_uploads(files or [], int(resolution))
-            return engine.relative(folder), summary
+            folder, summary = receive_uploads(engine, files, int(resolution))
+            return folder, summary, None  # the files are saved (or refused): the upload box is emptied
 
         @shown
         def use_sample(resolution):
@@ -294,12 +334,12 @@ def build_app(engine: Engine) -> gr.Blocks:
         def check_folder(folder, resolution):
             return engine.scan(folder, int(resolution)).summary()
 
-        uploads.upload(save_uploads, [uploads, resolution], [data, scan], api_visibility="private")
+        uploads.upload(save_uploads, [uploads, resolution], [data, scan, uploads], api_visibility="private")
         sample.click(use_sample, [resolution], [data, scan, instance], api_name="sample")
         check.click(check_folder, [data, resolution], scan, api_visibility="private")
         data.submit(check_folder, [data, resolution], scan, api_visibility="private")
 
-        def poll(seen_count):
+        def poll(seen_count, plotted_count):
             p = engine.training_progress()
             running = p.state == "running"
             new_images, count = gr.skip(), seen_count
@@ -308,10 +348,12 @@ def build_app(engine: Engine) -> gr.Blocks:
                 if all(image is not None for image, _ in loaded):  # else one is being written: next tick
                     new_images, count = loaded, len(loaded)
             done = [gr.Dropdown(choices=_run_choices(engine)) for _ in pickers] if not running else [gr.skip()] * len(pickers)
-            return (_progress_html(p), _loss_frame(p), new_images, count, gr.Timer(active=running or count != len(p.validation)),
+            plot = loss_figure(p) if len(p.losses) != plotted_count else gr.skip()
+            return (_progress_html(p), plot, new_images, count, len(p.losses),
+                    gr.Timer(active=running or count != len(p.validation)),
                     gr.Button(interactive=not running), gr.Button(interactive=running), *done)
 
-        poll_outputs = [progress, loss_plot, gallery, seen, timer, start, cancel, *pickers]
+        poll_outputs = [progress, loss_plot, gallery, seen, plotted, timer, start, cancel, *pickers]
 
         @shown
         def start_training(data, prompt, name, method, rank, steps, lr, seed, resolution, val_every, batch):
@@ -319,7 +361,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                 data=data, prompt=prompt, name=(name or "").strip(), method=method, rank=int(rank), steps=int(steps or 0),
                 learning_rate=float(lr or 0), seed=int(seed or 0), resolution=int(resolution),
                 validation_steps=int(val_every) if val_every else None, batch_size=int(batch)))
-            return poll(-1)
+            return poll(-1, -1)
 
         start.click(start_training, [data, instance, run_name, method, rank, train_steps, lr, train_seed, resolution,
                                      val_every, batch], poll_outputs, api_name="train", concurrency_id="device",
@@ -330,8 +372,9 @@ def build_app(engine: Engine) -> gr.Blocks:
                 gr.Info("Stopping after the current step; the run keeps a checkpoint.")
 
         cancel.click(cancel_training, None, None, api_name="cancel", queue=False)
-        timer.tick(poll, seen, poll_outputs, show_progress="hidden", api_visibility="private", concurrency_limit=None)
-        app.load(poll, seen, poll_outputs, api_visibility="private")  # fresh run lists; a job already going
+        timer.tick(poll, [seen, plotted], poll_outputs, show_progress="hidden", api_visibility="private",
+                   concurrency_limit=None)
+        app.load(poll, [seen, plotted], poll_outputs, api_visibility="private")  # fresh run lists; a job already going
 
         @shown
         def do_export(run, fmt, dtype):

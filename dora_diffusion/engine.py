@@ -643,11 +643,15 @@ class Engine:
         with self._on_device("export"):  # every format loads the base model to check the adapter against it
             result = Path(export_adapter(adapter, format, out, model=self.model, dtype=dtype))
         if result.is_dir():
+            for path in (result, *result.rglob("*")):  # mkdtemp's 0700 (0600 files) would travel in the zip
+                path.chmod(0o755 if path.is_dir() else 0o644)
             archive = self._unique(result.with_name(result.name + ".zip"))
             with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as z:  # safetensors do not compress
                 for file in sorted(result.rglob("*")):
                     if file.is_file():
                         z.write(file, Path(result.name) / file.relative_to(result))
+            archive.chmod(0o644)
+            shutil.rmtree(result)  # the zip is the download; the folder beside it would be a second copy
             return archive
         return result
 

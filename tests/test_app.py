@@ -44,17 +44,20 @@ def served(tmp_path_factory, tiny_components, tiny_model):
     write_adapter(tiny_components, ws / "demo" / "lora", "lora", seed=1)
     write_adapter(tiny_components, ws / "demo" / "dora", "dora", seed=2)
     engine = Engine(model=str(model), workspace=ws)
-    app = load_app_module().serve(engine, port=free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        yield app, engine
-    finally:
-        app.close()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("GRADIO_TEMP_DIR", raising=False)  # the app sets it; later tests get it back as it was
+        app = load_app_module().serve(engine, port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            yield app, engine
+        finally:
+            app.close()
 
 
-def test_build_app_loads_nothing(tmp_path, tiny_model):
+def test_build_app_loads_nothing(tmp_path, tiny_model, monkeypatch):
     """Building the UI reads the model's config only; the pipeline loads on the first generation."""
     from dora_diffusion.engine import Engine
 
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)  # build_app points it at the workspace
     engine = Engine(model=str(tiny_model), workspace=tmp_path / "ws")
     load_app_module().build_app(engine)
     assert engine.pipe_loads == 0 and engine._pipe is None
@@ -106,6 +109,71 @@ def test_export_tab_names_the_file_for_each_tool(served):
     assert Path(file).name.endswith("-comfyui.safetensors") and "ComfyUI/models/loras/" in usage and "kohya" in usage
 
 
+def test_gradio_keeps_its_files_in_the_workspace(served):
+    """Gradio's temporary files (generated images, uploads, downloads) go to <workspace>/.gradio-tmp."""
+    from gradio_client import Client
+
+    app, engine = served
+    tmp = engine.workspace / ".gradio-tmp"
+    assert all(Path(block.GRADIO_CACHE) == tmp for block in app.blocks.values())
+    client = Client(app.local_url, verbose=False)
+    client.predict("a photo of sks toy", "", 11, 2, 5.0, 64, 64, "demo/lora", 1.0, "", 1.0, api_name="/compare")
+    assert len(list(tmp.rglob("*.png"))) >= 2  # base and LoRA, as the server wrote them
+
+
+def test_uploads_leave_nothing_in_gradio_temp(tmp_path, tiny_model):
+    """Gradio's copies of uploaded files go once they are saved in uploads/ or refused; files elsewhere stay."""
+    import shutil
+
+    from dora_diffusion.data import DataError
+    from dora_diffusion.engine import Engine
+
+    module = load_app_module()
+    engine = Engine(model=str(tiny_model), workspace=tmp_path / "ws")
+    tmp = engine.workspace / ".gradio-tmp"
+    sample = REPO / "datasets" / "sks_toy"
+    uploaded = []
+    for i, name in enumerate(["robot_01_wood_table.jpg", "robot_04_grass.jpg", "robot_04_grass.txt"]):
+        (tmp / f"u{i}").mkdir(parents=True)
+        uploaded.append(shutil.copy(sample / name, tmp / f"u{i}" / name))
+    (tmp / "u3").mkdir()
+    (tmp / "u3" / "notes.exe").write_bytes(b"MZ")  # refused: not an image or caption
+    uploaded.append(tmp / "u3" / "notes.exe")
+    folder, summary = module.receive_uploads(engine, uploaded, 64)
+    assert "2 image(s) used" in summary and "notes.exe" in summary
+    assert sorted(p.name for p in (engine.workspace / folder).iterdir()) == ["robot_01_wood_table.jpg", "robot_04_grass.jpg",
+                                                                              "robot_04_grass.txt"]
+    assert list(tmp.iterdir()) == []
+    (tmp / "u5").mkdir()
+    (tmp / "u5" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DataError, match="broken.png"):
+        module.receive_uploads(engine, [tmp / "u5" / "broken.png"], 64)
+    assert list(tmp.iterdir()) == []
+    elsewhere = tmp_path / "mine.jpg"  # never Gradio's: kept
+    shutil.copy(sample / "robot_01_wood_table.jpg", elsewhere)
+    module.receive_uploads(engine, [elsewhere], 64)
+    assert elsewhere.is_file()
+
+
+def test_loss_curves_stay_distinguishable_when_they_coincide():
+    """Same seed, same data order: LoRA's and DoRA's losses can be equal; both lines still show."""
+    from dora_diffusion.engine import TrainProgress
+
+    module = load_app_module()
+    losses = [1.0 / s for s in range(1, 11)]
+    p = TrainProgress(state="running", losses=[(m, s, loss) for m in ("lora", "dora") for s, loss in enumerate(losses, 1)])
+    fig = module.loss_figure(p)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"LoRA", "DoRA"}
+    lora, dora = lines["LoRA"], lines["DoRA"]
+    assert list(lora.get_ydata()) == list(dora.get_ydata()) == losses
+    assert lora.get_linestyle() != dora.get_linestyle()
+    assert lora.get_marker() != dora.get_marker() and lora.get_linewidth() > dora.get_linewidth()
+    assert dora.get_zorder() > lora.get_zorder()  # the thin one on top of the wide one
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["LoRA", "DoRA"]
+    assert module.loss_figure(TrainProgress(state="running")) is None
+
+
 def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkeypatch, capsys):
     """``dora-diffusion app``: localhost by default, no share link unless asked, the workspace folder given."""
     import gradio as gr
@@ -115,6 +183,7 @@ def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkey
     args = build_parser().parse_args(["app"])
     assert (args.host, args.port, args.share, args.outputs, args.model) == ("127.0.0.1", 7860, False, "outputs", None)
     launched = {}
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
     assert main(["app", "--model", str(tiny_model), "--outputs", str(tmp_path / "ws"), "--port", "7999", "--share",
                  "--threads", "1"]) == 0

@@ -228,6 +228,32 @@ def test_export_zips_folders_and_never_overwrites(engine, monkeypatch):
 
 
 
+def test_merged_folder_export_is_one_zip_with_normal_permissions(engine, monkeypatch):
+    """The folder a merged export writes (made by mkdtemp: 0700, its files 0600) is zipped with
+    rw-r--r-- files and removed: one download, nothing left beside it."""
+    import os
+    import stat
+    import zipfile
+
+    def fake_export(adapter, format, out, *, model=None, dtype="float32"):
+        out = Path(out)
+        (out / "unet").mkdir(parents=True)
+        for folder in (out, out / "unet"):
+            os.chmod(folder, 0o700)
+        for name in ("unet/diffusion_pytorch_model.safetensors", "model_index.json"):
+            (out / name).write_bytes(b"w")
+            os.chmod(out / name, 0o600)
+        return out
+
+    monkeypatch.setitem(sys.modules, "dora_diffusion.export", types.SimpleNamespace(export_adapter=fake_export))
+    archive = engine.export("runs/lora", "merged-folder")
+    assert not archive.with_suffix("").exists() and archive.is_file()
+    with zipfile.ZipFile(archive) as z:
+        modes = {i.filename: stat.S_IMODE(i.external_attr >> 16) for i in z.infolist()}
+    assert modes == {f"{archive.stem}/model_index.json": 0o644, f"{archive.stem}/unet/diffusion_pytorch_model.safetensors": 0o644}
+    assert stat.S_IMODE(archive.stat().st_mode) == 0o644
+
+
 def test_analysis_of_runs_in_the_workspace(engine, workspace):
     png, text = engine.analyze(["runs/lora", "runs/deep/dora"])
     assert png.is_file() and png.resolve().is_relative_to(workspace.resolve())
