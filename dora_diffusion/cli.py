@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  dora-diffusion tiny-model outputs/tiny-sdxl
+  dora-diffusion tiny-model outputs/tiny-sdxl                     # the random-weight tiny SDXL (tests)
+  dora-diffusion pretrain-tiny --work outputs/pretrain --max-minutes 60   # the shipped model's recipe
   dora-diffusion train --data datasets/sks_toy --prompt "a photo of sks toy" --method dora --output outputs/toy-dora
   dora-diffusion train --config run.toml --max-steps 800          # options override the file
   dora-diffusion train --output outputs/toy-dora --resume latest  # continue a run
@@ -58,6 +59,21 @@ def _tiny_model(args: argparse.Namespace) -> int:
     _threads(args, None)
     path = build_tiny_sdxl(args.path, seed=args.seed)
     print(f"tiny SDXL pipeline written to {path}\nload it with StableDiffusionXLPipeline.from_pretrained({str(path)!r})")
+    return 0
+
+
+def _pretrain_tiny(args: argparse.Namespace) -> int:
+    from .world.pretrain import PretrainConfig, pretrain_tiny
+
+    overrides = {k: v for k, v in vars(args).items() if k in PretrainConfig.__dataclass_fields__ and v is not None}
+    folder = pretrain_tiny(PretrainConfig(**overrides))
+    if folder is None:
+        print(f"pretrain-tiny: this chunk ended; run the same command again to continue ({args.work})")
+    else:
+        from .world.card import write_model_card
+
+        card = write_model_card(args.work, folder)
+        print(f"pretrained tiny SDXL written to {folder} (model card: {card})")
     return 0
 
 
@@ -170,11 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("tiny-model", help="build the embedded tiny SDXL-architecture pipeline (for tests and the demo)")
+    p = sub.add_parser("tiny-model", help="build the tiny SDXL-architecture pipeline with random weights (for fast tests)")
     p.add_argument("path", help="folder to write (must not exist, or be empty, or hold an older tiny model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     _add_threads(p)
     p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("pretrain-tiny", help="pretrain the embedded tiny SDXL on the toy world (the shipped weights' recipe)",
+                       description="Render the toy world, train the VAE, the judge, then the UNet with both text "
+                       "encoders; write the pipeline, the judge and a model card. Seeded and resumable: run the "
+                       "same command again to continue from the last checkpoint.")
+    p.add_argument("--work", default="outputs/pretrain", help="working folder: renders, checkpoints, logs (default: %(default)s)")
+    p.add_argument("--output", default=None, help="finished model folder (default: WORK/model)")
+    p.add_argument("--max-minutes", dest="max_minutes", type=float, default=None,
+                   help="end this chunk at the first checkpoint after so many minutes (resume: run again)")
+    p.add_argument("--stop-after", dest="stop_after", default=None, choices=("data", "vae", "judge", "unet"),
+                   help="stop when this stage is done")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 2)")
+    p.add_argument("--seed", type=int, default=None, help="seed of everything (default: 0)")
+    for name in ("images", "vae_steps", "judge_steps", "unet_steps", "unet_batch"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
+                       help="recipe override (a different recipe needs a new --work folder)")
+    p.set_defaults(func=_pretrain_tiny)
 
     p = sub.add_parser("export", help="export an adapter: diffusers, kohya (LyCORIS), comfyui (ComfyUI/Forge), or merged into the model",
                        description="Export a run's adapter (or any adapter file we can read). Formats: "

@@ -1,22 +1,29 @@
-"""``make demo``: LoRA and DoRA trained on the sample subject with the same seed, and a side-by-side grid.
+"""``make demo``: LoRA and DoRA trained on the sample subject with the same seed, side by side, judged.
 
-Runs on the embedded tiny SDXL-architecture model (random weights, built locally), so it shows the
-whole workflow end to end on a CPU in a few minutes; the images are those of a tiny untrained model,
-not of SDXL.
+Runs on the embedded tiny SDXL, pretrained on the toy world (``dora_diffusion.world``): it draws toys
+from prompts but has never seen the sample subject (a teal robot with a red heart). DreamBooth with
+prior preservation (class images of "a photo of a toy" from the base model) teaches it "sks toy";
+the grid shows base | LoRA | DoRA from the same noise, and the world's judge counts in how many of
+32 seeds each model draws the subject, and keeps the scene asked for.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "datasets" / "sks_toy"
 PROMPT = "a photo of sks toy"
-GRID_PROMPTS = ("a photo of sks toy", "a photo of sks toy on the beach", "a painting of sks toy in the snow")
-DEMO_STEPS = 300
+CLASS_PROMPT = "a photo of a toy"
+GRID_PROMPTS = ("a photo of sks toy", "sks toy on the grass", "sks toy on the beach", CLASS_PROMPT)
+SCENE_PROMPTS = {"sks toy on the grass": "grass", "sks toy on the beach": "beach"}
+DEMO_STEPS = 400
+JUDGED_SEEDS = 32
+NUM_CLASS_IMAGES = 50
+CELL = 160  # grid cell size: the 64 px images enlarged (nearest neighbour)
 
 
 def demo_config(output: Path, method: str, steps: int):
@@ -24,16 +31,41 @@ def demo_config(output: Path, method: str, steps: int):
 
     return TrainConfig(
         data=str(SAMPLE_DATA), prompt=PROMPT, output=str(output / method), method=method, rank=8, targets="attn+ff",
-        learning_rate=1e-3, max_steps=steps, seed=0, validation_steps=0, num_validation_images=2,
-        validation_inference_steps=20, checkpoint_steps=0, report_to="tensorboard", log_every=1,
+        learning_rate=1e-3, max_steps=steps, seed=0, class_prompt=CLASS_PROMPT, class_data=str(output / "class_images"),
+        num_class_images=NUM_CLASS_IMAGES, validation_steps=0, num_validation_images=2, validation_inference_steps=25,
+        checkpoint_steps=0, report_to="tensorboard", log_every=1,
     )
 
 
-def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, overwrite: bool = False) -> dict:
+def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) -> dict[str, dict[str, Any]]:
+    """Per model (None = the base): how often the judge sees the subject for the instance prompt,
+    and the scene asked for in the scene prompts."""
+    from .formats import load_adapter, unload_adapter
+    from .world.evaluate import subject_presence
+
+    out: dict[str, dict[str, Any]] = {}
+    for label, adapter in adapters.items():
+        unload_adapter(pipe)
+        if adapter is not None:
+            load_adapter(pipe, adapter)
+        row: dict[str, Any] = {}
+        row["instance"], _ = subject_presence(pipe, judge, PROMPT, seeds)
+        for prompt, scene in SCENE_PROMPTS.items():
+            row[scene], _ = subject_presence(pipe, judge, prompt, seeds, scene=scene)
+        row["class"], _ = subject_presence(pipe, judge, CLASS_PROMPT, seeds)
+        out[label] = row
+    unload_adapter(pipe)
+    return out
+
+
+def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, overwrite: bool = False,
+             threads: int | None = None) -> dict:
     """Train both methods, write ``comparison.png`` and ``summary.json`` under ``output``; return the summary."""
+    import torch
+
     from .config import ConfigError
     from .formats import load_adapter, unload_adapter
-    from .models import ensure_tiny_model, load_pipeline
+    from .models import embedded_judge, embedded_model, load_pipeline
     from .sampling import SampleSettings, generate, image_grid
     from .train import train
 
@@ -45,15 +77,14 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
             raise ConfigError(f"output: {output} exists; pass --overwrite to replace the demo")
         shutil.rmtree(output)
     started = time.perf_counter()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # The tiny model's matrices are too small for threads to pay: per-op overhead dominates, and a
-        # second thread adds synchronisation to every op (measured: 64 s vs 70 s for the demo, and DoRA's
-        # step 1.19x LoRA's instead of 1.68x).
-        import torch
-
-        torch.set_num_threads(1)
-    model = ensure_tiny_model()
-    print(f"tiny SDXL model: {model}")
+    # The tiny model's matrices are too small for threads to pay: per-op overhead dominates, and a
+    # second thread adds synchronisation to every op (measured: 64 s vs 70 s for the demo, and DoRA's
+    # step 1.19x LoRA's instead of 1.68x). A caller's --threads or OMP_NUM_THREADS wins.
+    chosen = threads or int(__import__("os").environ.get("OMP_NUM_THREADS", "1") or 1)
+    torch.set_num_threads(chosen)
+    print(f"torch threads: {chosen}")
+    model = embedded_model()
+    print(f"embedded tiny SDXL (pretrained on the toy world): {model}")
     steps = steps or DEMO_STEPS
     results = {}
     for method in ("lora", "dora"):
@@ -73,17 +104,37 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
         if adapter is not None:
             load_adapter(pipe, adapter)
         for r, prompt in enumerate(GRID_PROMPTS):
-            rows[r] += generate(pipe, SampleSettings(prompt, seed=0, steps=20, guidance=5.0, width=256, height=256))
-    grid = image_grid(rows, col_labels=list(columns), row_labels=[p.replace("a photo of ", "") for p in GRID_PROMPTS])
+            images = generate(pipe, SampleSettings(prompt, seed=0, steps=25, guidance=5.0), num_images=2)
+            strip = _side_by_side(images, CELL)
+            rows[r].append(strip)
+    unload_adapter(pipe)
+    grid = image_grid(rows, col_labels=[f"{c} (seeds 0, 1)" for c in columns], row_labels=list(GRID_PROMPTS))
     grid_path = output / "comparison.png"
     grid.save(grid_path)
+
+    t = time.perf_counter()
+    judged = judge_models(pipe, embedded_judge(), columns, range(JUDGED_SEEDS))
     summary = {"model": str(model), "steps": steps, "seed": 0, "grid": str(grid_path), "methods": results,
                "dora_over_lora_step_time": results["dora"]["median_step_ms"] / results["lora"]["median_step_ms"],
-               "wall_seconds": time.perf_counter() - started}
+               "judged": judged, "judge_seconds": time.perf_counter() - t, "wall_seconds": time.perf_counter() - started}
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndemo done in {summary['wall_seconds']:.0f} s")
     for method, r in results.items():
         print(f"  {method}: final loss {r['final_loss']:.4f}, median step {r['median_step_ms']:.0f} ms -> {r['adapter']}")
-    print(f"  side by side (base | LoRA | DoRA, same seed): {grid_path}")
+    print(f"  judged over {JUDGED_SEEDS} seeds (the world's judge): the subject (teal robot with a heart) drawn for")
+    for label, row in judged.items():
+        print(f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};  on the grass: subject {row['grass']['subject']:.0%},"
+              f" grass {row['grass']['scene']:.0%};  on the beach: subject {row['beach']['subject']:.0%},"
+              f" beach {row['beach']['scene']:.0%};  {CLASS_PROMPT!r}: subject {row['class']['subject']:.0%}")
+    print(f"  side by side (base | LoRA | DoRA, same seeds): {grid_path}")
     print("  look at them in the app: make app   (or: dora-diffusion app)")
     return summary
+
+
+def _side_by_side(images, cell: int):
+    from PIL import Image
+
+    strip = Image.new("RGB", (cell * len(images), cell), "white")
+    for i, im in enumerate(images):
+        strip.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (i * cell, 0))
+    return strip
