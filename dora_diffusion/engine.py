@@ -595,10 +595,10 @@ class Engine:
 
     def start_training(self, request: TrainRequest) -> TrainingJob:
         """Check the request and the images, then train in a background thread (one job at a time)."""
+        if self.training:  # first: the run going may hold the very folder asked for (its lock file)
+            raise EngineBusy("A training run is already going; wait for it to finish or cancel it.")
         configs = self.train_configs(request)
         self.scan(configs[0].data, configs[0].resolution)  # bad images fail here, not in the thread
-        if self.training:
-            raise EngineBusy("A training run is already going; wait for it to finish or cancel it.")
         if not self._device.acquire(blocking=False):
             raise EngineBusy("The device is generating images; start training again in a moment.")
         try:
