@@ -348,10 +348,9 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     output = prepare_output(config)
     resume_from = find_checkpoint(output, config.resume) if config.resume else None
-    if resume_from is not None and checkpoint_step(resume_from) > config.max_steps:
-        raise ConfigError(f"max_steps: {config.max_steps} is below the step of checkpoint {resume_from} "
-                          f"(step {checkpoint_step(resume_from)}); max_steps is the total to train to, so "
-                          f"resume with --max-steps {checkpoint_step(resume_from)} or more")
+    if resume_from is not None and (at := checkpoint_step(resume_from)) > config.max_steps:
+        raise ConfigError(f"max_steps: {config.max_steps} is below the step of checkpoint {resume_from} (step {at}); "
+                          f"max_steps is the total to train to, so resume with --max-steps {at} or more")
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_world == 1:
         # accelerate keeps its state per process: a second run in the same process (the app, `compare`)
