@@ -80,9 +80,7 @@ def _pretrain_tiny(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    threads = _threads(args, None)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # run_demo keeps torch's threads when it is set
-    run_demo(Path(args.output), steps=args.steps, overwrite=args.overwrite)
+    run_demo(Path(args.output), steps=args.steps, overwrite=args.overwrite, threads=args.threads)
     return 0
 
 

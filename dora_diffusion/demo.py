@@ -61,12 +61,11 @@ def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) ->
 def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, overwrite: bool = False,
              threads: int | None = None) -> dict:
     """Train both methods, write ``comparison.png`` and ``summary.json`` under ``output``; return the summary."""
-    import torch
-
     from .config import ConfigError
     from .formats import load_adapter, unload_adapter
     from .models import embedded_judge, embedded_model, load_pipeline
     from .sampling import SampleSettings, generate, image_grid
+    from .threads import set_torch_threads
     from .train import train
 
     if not SAMPLE_DATA.is_dir():
@@ -77,12 +76,7 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
             raise ConfigError(f"output: {output} exists; pass --overwrite to replace the demo")
         shutil.rmtree(output)
     started = time.perf_counter()
-    # The tiny model's matrices are too small for threads to pay: per-op overhead dominates, and a
-    # second thread adds synchronisation to every op (measured: 64 s vs 70 s for the demo, and DoRA's
-    # step 1.19x LoRA's instead of 1.68x). A caller's --threads or OMP_NUM_THREADS wins.
-    chosen = threads or int(__import__("os").environ.get("OMP_NUM_THREADS", "1") or 1)
-    torch.set_num_threads(chosen)
-    print(f"torch threads: {chosen}")
+    set_torch_threads(threads, model=None)  # one on the tiny model, unless --threads / OMP_NUM_THREADS say
     model = embedded_model()
     print(f"embedded tiny SDXL (pretrained on the toy world): {model}")
     steps = steps or DEMO_STEPS

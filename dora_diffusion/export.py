@@ -92,6 +92,7 @@ def compare_probes(expected: dict[str, list[float]], got: dict[str, list[float]]
 
 def _atomic_folder(final: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0o700 would stay on the exported folder
     return tmp
 
 

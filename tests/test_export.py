@@ -72,6 +72,7 @@ def test_adapter_exports_round_trip_exactly(tmp_path, tiny_model, method, compon
 def test_merged_exports_equal_the_adapter_and_each_other(tmp_path, tiny_model, method):
     pipe, run = _saved_run(tmp_path, tiny_model, method, COMPONENTS)
     folder = export_adapter(run, "merged-folder", tmp_path / "merged")
+    assert folder.stat().st_mode & 0o777 == 0o755  # a normal folder, not mkdtemp's 0700
     single = export_adapter(run, "merged-single", tmp_path / "merged.safetensors")
     from_folder = StableDiffusionXLPipeline.from_pretrained(folder)
     # diffusers' own single-file loader as the oracle for the original SDXL layout
