@@ -37,7 +37,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class Judge(nn.Module):
-    """``forward(x)`` -> logits per field; ``embed(x)`` -> the [B, width] features before the heads.
+    """``forward(x)`` -> logits per field; ``embed(x)`` -> the [B, 2 * width] features before the heads.
     ``x``: [B, 3, 64, 64] in [-1, 1]."""
 
     def __init__(self, widths: Sequence[int] = (16, 32, 64, 128)):
@@ -51,10 +51,12 @@ class Judge(nn.Module):
                 layers.append(nn.AvgPool2d(2))
             c = w
         self.body = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({name: nn.Linear(c, len(values)) for name, values in FIELDS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(2 * c, len(values)) for name, values in FIELDS.items()})
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))  # [B, width]
+        # mean and max over positions: the max keeps small parts (a chest symbol) that the mean washes out
+        h = self.body(x)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # [B, 2 * width]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.embed(x)
@@ -78,7 +80,7 @@ class Judge(nn.Module):
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image], batch: int = 64) -> torch.Tensor:
-        """[N, width] features of PIL images."""
+        """[N, 2 * width] features of PIL images."""
         return torch.cat([self.embed(to_judge_input(images[i : i + batch])) for i in range(0, len(images), batch)])
 
     # ---- files

@@ -54,7 +54,7 @@ class PretrainConfig:
     vae_crop: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    judge_steps: int = 1000
+    judge_steps: int = 3000
     judge_batch: int = 64
     judge_lr: float = 2e-3
     unet_steps: int = 5000
