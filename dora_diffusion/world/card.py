@@ -77,11 +77,12 @@ def _random_floor_pipe(seed: int = 0):
     return pipe
 
 
-def write_model_card(work: str | Path, model_dir: str | Path) -> Path:
-    """Measure the finished model and write ``model_dir/README.md`` with its pictures under ``card/``."""
+def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Path:
+    """Measure the finished model and write ``model_dir/README.md`` with its pictures under ``card/``
+    (prompt following over ``n`` generations)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .evaluate import contact_sheet, generate_batch, prompt_following
+    from .evaluate import contact_sheet, generate_batch, prompt_following, prompt_for
     from .judge import Judge
 
     work, model_dir = Path(work), Path(model_dir)
@@ -106,16 +107,14 @@ def write_model_card(work: str | Path, model_dir: str | Path) -> Path:
     judge = Judge.load(model_dir / "judge")
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    learned, learned_images = prompt_following(pipe, judge, n=64)
+    learned, learned_images = prompt_following(pipe, judge, n=n)
     contact_sheet(learned_images[:32], 8, 2).save(pics / "prompt_following.png")
-    floor, _ = prompt_following(_random_floor_pipe(), judge, n=64)
+    floor, _ = prompt_following(_random_floor_pipe(), judge, n=n)
     # One row per class: eight colours, scenes in turn.
     prompts, seeds = [], []
     for kind in CLASSES:
         for j, colour in enumerate(COLOURS):
             toy = Toy(kind, colour, list(SCENES)[j % len(SCENES)])
-            from .evaluate import prompt_for
-
             prompts.append(prompt_for(toy))
             seeds.append(len(seeds))
     contact_sheet(generate_batch(pipe, prompts, seeds), 8, 2).save(pics / "samples.png")
@@ -176,8 +175,8 @@ def write_model_card(work: str | Path, model_dir: str | Path) -> Path:
         f" {stages['judge']['held_out_renders']:,} held-out renders:"
         + " ".join(f" {k} {v:.1%}," for k, v in acc.items()).rstrip(",") + ".",
         "",
-        "Prompt following: 64 prompts drawn like the captions (\"a photo of a {colour} toy {class} {scene}\"),",
-        "one image each (seeds 1234-1297, 25 Euler steps, guidance 5), read by the judge:",
+        f"Prompt following: {n} prompts drawn like the captions (\"a photo of a {{colour}} toy {{class}} {{scene}}\"),",
+        f"one image each (seeds 1234-{1233 + n}, 25 Euler steps, guidance 5), read by the judge:",
         "",
         "| model | class right | colour right | scene right |",
         "|---|---:|---:|---:|",
