@@ -37,22 +37,43 @@ def demo_config(output: Path, method: str, steps: int):
     )
 
 
+def subject_photos() -> list:
+    """The sample subject's photos, centre-cropped square (what the judge and the metrics compare with)."""
+    from PIL import Image
+
+    photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE_DATA.glob("*.jpg"))]
+    return [im.crop(((im.width - min(im.size)) // 2, (im.height - min(im.size)) // 2,
+                     (im.width + min(im.size)) // 2, (im.height + min(im.size)) // 2)) for im in photos]
+
+
 def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) -> dict[str, dict[str, Any]]:
-    """Per model (None = the base): how often the judge sees the subject for the instance prompt,
-    and the scene asked for in the scene prompts."""
+    """Per model (None = the base), over ``seeds``: how often the judge sees the subject for the instance
+    prompt and keeps the scene of the scene prompts; subject fidelity of the instance images against the
+    subject's photos and drift of the class prompt's images from the base model's (judge embeddings)."""
+    from dataclasses import asdict
+
     from .formats import load_adapter, unload_adapter
+    from .metrics import JudgeEmbedder, drift, subject_fidelity
     from .world.evaluate import subject_presence
 
+    embedder = JudgeEmbedder(judge)
+    reference = embedder.embed_images(subject_photos())
     out: dict[str, dict[str, Any]] = {}
+    base_class = None
     for label, adapter in adapters.items():
         unload_adapter(pipe)
         if adapter is not None:
             load_adapter(pipe, adapter)
         row: dict[str, Any] = {}
-        row["instance"], _ = subject_presence(pipe, judge, PROMPT, seeds)
+        row["instance"], images = subject_presence(pipe, judge, PROMPT, seeds)
+        row["subject_fidelity"] = asdict(subject_fidelity(embedder.embed_images(images), reference))
         for prompt, scene in SCENE_PROMPTS.items():
             row[scene], _ = subject_presence(pipe, judge, prompt, seeds, scene=scene)
-        row["class"], _ = subject_presence(pipe, judge, CLASS_PROMPT, seeds)
+        row["class"], class_images = subject_presence(pipe, judge, CLASS_PROMPT, seeds)
+        class_emb = embedder.embed_images(class_images)
+        base_class = class_emb if adapter is None else base_class
+        if base_class is not None:
+            row["class_drift"] = asdict(drift(base_class, class_emb))
         out[label] = row
     unload_adapter(pipe)
     return out
@@ -120,6 +141,17 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
         print(f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};  on the grass: subject {row['grass']['subject']:.0%},"
               f" grass {row['grass']['scene']:.0%};  on the beach: subject {row['beach']['subject']:.0%},"
               f" beach {row['beach']['scene']:.0%};  {CLASS_PROMPT!r}: subject {row['class']['subject']:.0%}")
+    from .metrics import Score, ahead
+
+    fid = {k: Score(**judged[k]["subject_fidelity"]) for k in ("LoRA", "DoRA")}
+    dr = {k: Score(**judged[k]["class_drift"]) for k in ("LoRA", "DoRA")}
+    summary["subject_fidelity_verdict"] = ahead(fid["DoRA"], fid["LoRA"], names=("DoRA", "LoRA"))
+    summary["class_drift_verdict"] = ahead(dr["DoRA"], dr["LoRA"], names=("DoRA", "LoRA"), lower_is_better=True)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"  subject fidelity (judge embedding, vs the photos): LoRA {fid['LoRA'].mean:.3f} ± {fid['LoRA'].std:.3f}, "
+          f"DoRA {fid['DoRA'].mean:.3f} ± {fid['DoRA'].std:.3f}: {summary['subject_fidelity_verdict']}")
+    print(f"  drift of {CLASS_PROMPT!r} from the base: LoRA {dr['LoRA'].mean:.3f}, DoRA {dr['DoRA'].mean:.3f}: "
+          f"{summary['class_drift_verdict']}")
     print(f"  side by side (base | LoRA | DoRA, same seeds): {grid_path}")
     print("  look at them in the app: make app   (or: dora-diffusion app)")
     return summary

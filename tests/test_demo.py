@@ -32,6 +32,9 @@ def test_demo_trains_both_methods_and_judges_them(tmp_path: Path, monkeypatch: p
     assert set(judged) == {"base", "LoRA", "DoRA"}
     for row in judged.values():
         assert row["instance"]["n"] == 2 and 0.0 <= row["instance"]["subject"] <= 1.0
-        assert {"grass", "beach", "class"} <= set(row) and "scene" in row["grass"]
+        assert {"grass", "beach", "class", "subject_fidelity", "class_drift"} <= set(row) and "scene" in row["grass"]
+    assert judged["base"]["class_drift"]["mean"] < 1e-6  # the base against itself
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert "DoRA" in summary["subject_fidelity_verdict"] or "within the spread" in summary["subject_fidelity_verdict"]
     with pytest.raises(Exception, match="overwrite"):
         demo.run_demo(tmp_path / "demo", steps=6)

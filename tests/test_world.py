@@ -201,13 +201,24 @@ def test_judge_reads_held_out_renders():
 
 @needs_shipped
 def test_judge_sees_the_sample_subject_in_its_photos():
-    from PIL import Image
-
-    from dora_diffusion.demo import SAMPLE_DATA
+    from dora_diffusion.demo import subject_photos
     from dora_diffusion.models import embedded_judge
 
-    photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE_DATA.glob("*.jpg"))]
-    square = [im.crop(((im.width - min(im.size)) // 2, (im.height - min(im.size)) // 2,
-                       (im.width + min(im.size)) // 2, (im.height + min(im.size)) // 2)) for im in photos]
-    read = embedded_judge().read(square)
+    read = embedded_judge().read(subject_photos())
     assert sum(r["subject"] for r in read) >= len(read) - 1, read
+
+
+@needs_shipped
+def test_subject_photos_are_closer_to_each_other_than_to_other_toys():
+    """Subject fidelity in the judge's embedding: the real photos against themselves score higher than
+    world renders of other toys against the photos."""
+    from dora_diffusion.demo import subject_photos
+    from dora_diffusion.metrics import JudgeEmbedder, subject_fidelity
+
+    embedder = JudgeEmbedder(__import__("dora_diffusion.models", fromlist=["embedded_judge"]).embedded_judge())
+    photos = embedder.embed_images(subject_photos())
+    pixels, _ = render_world(32, seed=5)
+    from PIL import Image
+
+    others = embedder.embed_images([Image.fromarray(p) for p in pixels])
+    assert subject_fidelity(photos, photos).mean > subject_fidelity(others, photos).mean + 0.1
