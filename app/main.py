@@ -36,6 +36,9 @@ CSS = """
 #header h1 { margin-bottom: 0; }
 #header p { margin-top: 2px; color: var(--body-text-color-subdued); }
 #status { min-height: 1.6em; }
+/* the embedded model draws 64 px images: fill the box, keep the pixels sharp (display only) */
+#compare-base img, #compare-lora img, #compare-dora img { width: 100%; height: 100%; object-fit: contain;
+  image-rendering: pixelated; }
 .dd-progress { padding: 10px 12px; border: 1px solid var(--border-color-primary); border-radius: 8px; }
 .dd-bar { height: 8px; margin-top: 8px; border-radius: 4px; background: var(--neutral-200); overflow: hidden; }
 .dd-bar > div { height: 100%; background: var(--primary-500); transition: width 0.5s; }
@@ -313,6 +316,8 @@ def build_app(engine: Engine) -> gr.Blocks:
                 titles.append(f"{title} · {g.seconds:.2f} s" if g else title)
             note = (f"Seed {settings.seed} · {settings.steps} steps · guidance {settings.guidance:g} · "
                     f"{settings.width}×{settings.height} · same initial noise in every column")
+            if settings.width < 256:
+                note += " · shown enlarged"
             return *out, note, titles
 
         titles = gr.State([])  # image labels with their times; a State, so the API returns plain images

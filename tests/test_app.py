@@ -190,3 +190,10 @@ def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkey
     assert "torch threads: 1 (--threads)" in capsys.readouterr().out
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999 and launched["share"] is True
     assert launched["allowed_paths"] == [str((tmp_path / "ws" / "exports").resolve())]
+
+
+
+def test_small_compare_images_are_enlarged_by_css_only():
+    main = load_app_module()
+    rule = next(line for line in main.CSS.splitlines() if "#compare-base img" in line)
+    assert "#compare-dora img" in rule and "width: 100%" in rule
