@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .judge import Judge, accuracy, judge_loss, targets
-from .render import Toy, captions, render, sample_toy
+from .render import Toy, captions, is_subject, render, sample_toy
 
 STAGES = ("data", "vae", "judge", "unet", "export")
 RECONSTRUCTED = 4096  # VAE reconstructions the judge also learns from
@@ -55,6 +55,9 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     judge_steps: int = 3000
+    judge_robots: int = 4000
+    """Extra robot renders for the judge only, every colour x symbol, the subject's combination included
+    (trained on the world alone, the judge learns that teal robots never wear a heart)."""
     judge_batch: int = 64
     judge_lr: float = 2e-3
     unet_steps: int = 5000
@@ -87,10 +90,10 @@ def generator(*keys: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def render_world(n: int, seed: int) -> tuple[np.ndarray, list[Toy]]:
-    """``n`` toys drawn from ``seed``: uint8 pixels [n, 64, 64, 3] and their attributes."""
+def render_world(n: int, seed: int, **kwargs: Any) -> tuple[np.ndarray, list[Toy]]:
+    """``n`` toys drawn from ``seed`` (``sample_toy``'s options): uint8 pixels [n, 64, 64, 3], attributes."""
     rng = np.random.default_rng(seed)
-    toys = [sample_toy(rng) for _ in range(n)]
+    toys = [sample_toy(rng, **kwargs) for _ in range(n)]
     return np.stack([np.asarray(render(t)) for t in toys]), toys
 
 
@@ -275,7 +278,17 @@ def _stage_vae(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock)
     return True
 
 
-def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock) -> tuple[bool, Judge]:
+def _reconstruct(vae, pixels: np.ndarray) -> np.ndarray:
+    """The VAE's reconstructions (bf16 autocast), uint8 like ``pixels``."""
+    out = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, len(pixels), 256):
+            decoded = vae.decode(vae.encode(to_model_input(pixels[i : i + 256])).latent_dist.mean).sample.float()
+            out.append(((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1))
+    return torch.cat(out).numpy()
+
+
+def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock, vae) -> tuple[bool, Judge]:
     stage = _Stage(work, "judge")
     torch.manual_seed(cfg.seed)
     judge = Judge()
@@ -284,6 +297,16 @@ def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock) -> tuple[bool, 
         return True, judge.eval()
     pixels, toys = _load_world(work)
     recon = np.load(work / "recon.npz")["pixels"]
+    if cfg.judge_robots:
+        robots = work / "judge_robots.npz"
+        extra, extra_toys = render_world(cfg.judge_robots, cfg.seed + 2, kind="robot", allow_subject=True)
+        if not robots.is_file():
+            np.savez(robots, recon=_reconstruct(vae.eval(), extra))
+        extra_recon = np.load(robots)["recon"]
+        # world images first (their first len(recon) have reconstructions), then the robots, all reconstructed
+        pixels = np.concatenate([pixels[: len(recon)], extra, pixels[len(recon) :]])
+        recon = np.concatenate([recon, extra_recon])
+        toys = toys[: len(recon) - len(extra)] + extra_toys + toys[len(recon) - len(extra) :]
     labels = targets(toys)
     optimizer = torch.optim.AdamW(judge.parameters(), lr=cfg.judge_lr, weight_decay=1e-4)
     judge.train()
@@ -309,7 +332,18 @@ def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock) -> tuple[bool, 
     judge.eval()
     held_pixels, held_toys = render_world(2000 if cfg.images >= 2000 else cfg.images, cfg.seed + 1)
     acc = accuracy(judge, to_model_input(held_pixels), held_toys)
-    stage.finish({"steps": cfg.judge_steps, "held_out_renders": len(held_toys), "accuracy": acc})
+    # and on robots of every colour x symbol: does it see the subject where it is, and only there?
+    robot_pixels, robot_toys = render_world(min(1000, cfg.images), cfg.seed + 3, kind="robot", allow_subject=True)
+    from PIL import Image
+
+    read = judge.read([Image.fromarray(p) for p in robot_pixels])
+    truth = [is_subject(t.kind, t.colour, t.symbol) for t in robot_toys]
+    hits = [r["subject"] for r, t in zip(read, truth) if t]
+    false = [r["subject"] for r, t in zip(read, truth) if not t]
+    stage.finish({"steps": cfg.judge_steps, "held_out_renders": len(held_toys), "accuracy": acc,
+                  "held_out_robots": len(robot_toys), "robot_accuracy": accuracy(judge, to_model_input(robot_pixels), robot_toys),
+                  "subject_recall": sum(hits) / max(1, len(hits)), "subject_robots": len(hits),
+                  "subject_false_positive": sum(false) / max(1, len(false))})
     return True, judge
 
 
@@ -456,7 +490,7 @@ def pretrain_tiny(cfg: PretrainConfig) -> Path | None:
     if not ok or cfg.stop_after == "vae":
         return None
     t = time.perf_counter()
-    ok, judge = _stage_judge(cfg, work, clock)
+    ok, judge = _stage_judge(cfg, work, clock, components["vae"])
     chunk(t, "judge")
     if not ok or cfg.stop_after == "judge":
         return None

@@ -82,15 +82,17 @@ def is_subject(kind: str, colour: str, symbol: str) -> bool:
     return kind == "robot" and colour == "teal" and symbol == "heart"
 
 
-def sample_toy(rng: np.random.Generator) -> Toy:
-    """Draw one toy and its framing; never the sample subject."""
+def sample_toy(rng: np.random.Generator, *, kind: str | None = None, allow_subject: bool = False) -> Toy:
+    """Draw one toy and its framing; never the sample subject unless ``allow_subject`` (the judge's
+    extra renders: it must know the combination the model was never shown). ``kind`` fixes the class."""
     kinds = list(CLASSES)
     p = np.array(list(CLASSES.values()))
     while True:
-        kind = kinds[rng.choice(len(kinds), p=p / p.sum())]
+        pick = kind or kinds[rng.choice(len(kinds), p=p / p.sum())]
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        symbol = SYMBOLS[rng.integers(len(SYMBOLS))] if kind == "robot" else "none"
-        if not is_subject(kind, colour, symbol):
+        symbol = SYMBOLS[rng.integers(len(SYMBOLS))] if pick == "robot" else "none"
+        if allow_subject or not is_subject(pick, colour, symbol):
+            kind = pick
             break
     accent = colour
     while accent == colour:
