@@ -120,6 +120,9 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
     contact_sheet(generate_batch(pipe, prompts, seeds), 8, 2).save(pics / "samples.png")
 
     acc = stages["judge"]["accuracy"]
+    # the thread counts of the chunks that did the work (a resumed chunk that only re-exported counts for nothing)
+    chunks = [json.loads(line) for line in (work / "wall.jsonl").read_text().splitlines()]
+    threads = "/".join(str(t) for t in sorted({c["threads"] for c in chunks if c["seconds"] > 10})) or "?"
     hashes = file_hashes(model_dir)
     total = sum(wall.values())
     lines = [
@@ -157,8 +160,8 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         f" (text), EMA {recipe['ema_decay']}; final loss {unet_log[-1]['loss']:.4f} |"
         f" {recipe['unet_steps']:,} x {recipe['unet_batch']} | {wall.get('unet', 0) / 60:.1f} min |",
         "",
-        f"Total {total / 60:.0f} min on a 2-core x86 CPU ({recipe['seed']=} , torch threads"
-        f" {json.loads((work / 'wall.jsonl').read_text().splitlines()[-1])['threads']}), in resumable chunks.",
+        f"Total {total / 60:.0f} min on a 2-core x86 CPU (seed {recipe['seed']}, torch threads {threads}), in resumable"
+        " chunks; the loop times are read from the stages' logs.",
         "Reproduce: `dora-diffusion pretrain-tiny --work outputs/pretrain` (add `--max-minutes 60` to run it in chunks).",
         "",
         "![loss curves](card/loss_curves.png)",
@@ -172,8 +175,14 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         "## Judged",
         "",
         f"The judge (`judge/`, a {sum(p.numel() for p in judge.parameters()):,}-parameter CNN) on"
-        f" {stages['judge']['held_out_renders']:,} held-out renders:"
-        + " ".join(f" {k} {v:.1%}," for k, v in acc.items()).rstrip(",") + ".",
+        f" {stages['judge']['held_out_renders']:,} held-out renders: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + ". On "
+        f"{stages['judge'].get('held_out_robots', 0):,} held-out robots of every colour and symbol, it sees the sample"
+        f" subject's combination (teal, heart) in {stages['judge'].get('subject_recall', float('nan')):.0%} of the"
+        f" {stages['judge'].get('subject_robots', 0)} that have it and in"
+        f" {stages['judge'].get('subject_false_positive', float('nan')):.1%} of the others. (Trained on the world alone,"
+        " it had learned that teal robots never wear a heart: the 4,000 extra robot renders it is trained on"
+        " include that combination; the generator never saw it.)",
         "",
         f"Prompt following: {n} prompts drawn like the captions (\"a photo of a {{colour}} toy {{class}} {{scene}}\"),",
         f"one image each (seeds 1234-{1233 + n}, 25 Euler steps, guidance 5), read by the judge:",

@@ -48,7 +48,8 @@ def subject_presence(pipe, judge: Judge, prompt: str, seeds: Sequence[int], scen
     images = generate_batch(pipe, [prompt] * len(seeds), seeds, **kwargs)
     read = judge.read(images)
     out: dict[str, Any] = {"prompt": prompt, "n": len(seeds), "subject": sum(r["subject"] for r in read) / len(read),
-                           "robot": sum(r["kind"] == "robot" for r in read) / len(read)}
+                           "robot": sum(r["kind"] == "robot" for r in read) / len(read),
+                           "teal_robot": sum(r["kind"] == "robot" and r["colour"] == "teal" for r in read) / len(read)}
     if scene is not None:
         out["scene"] = sum(r["scene"] == scene for r in read) / len(read)
     return out, images
