@@ -31,7 +31,7 @@ def demo_config(output: Path, method: str, steps: int):
 
     return TrainConfig(
         data=str(SAMPLE_DATA), prompt=PROMPT, output=str(output / method), method=method, rank=8, targets="attn+ff",
-        learning_rate=1e-3, max_steps=steps, seed=0, class_prompt=CLASS_PROMPT, class_data=str(output / "class_images"),
+        learning_rate=3e-3, max_steps=steps, seed=0, class_prompt=CLASS_PROMPT, class_data=str(output / "class_images"),
         num_class_images=NUM_CLASS_IMAGES, validation_steps=0, num_validation_images=2, validation_inference_steps=25,
         checkpoint_steps=0, report_to="tensorboard", log_every=1,
     )
