@@ -33,16 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .formats.diffusers import (
-    COMPONENTS,
-    METADATA_KEY,
-    WEIGHT_NAME,
-    AdapterFileError,
-    module_name,
-    plan_adapters,
-    read_adapter_file,
-    resolve_adapter_file,
-)
+from .formats.base import COMPONENTS, METADATA_KEY, AdapterFileError, module_name
+from .formats.diffusers import WEIGHT_NAME, plan_adapters
+from .formats.load import read_adapter_file, resolve_adapter_file
 from .inject import ADAPTER_PARAMS, AdapterConfig, make_adapter, name_matches
 from .layers import AdapterLinear, DoRALinear, MagnitudeLinear, acc, merged_weight, squared_row_norm
 from .train import CHECKPOINT_DIR, CONFIG_NAME, model_folder

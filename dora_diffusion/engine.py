@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from .config import ConfigError, TrainConfig
 from .data import IMAGE_EXTENSIONS, DataError, ScanReport, scan_subject_folder
-from .formats.diffusers import WEIGHT_NAME, AdapterFileError, resolve_adapter_file
+from .formats import WEIGHT_NAME, AdapterFileError, resolve_adapter_file
 from .inject import AdapterError
 from .sampling import SampleSettings
 

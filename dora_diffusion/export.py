@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .formats.base import METADATA_KEY, AdapterFileError, components_of
 from .formats.comfyui import save_comfyui
-from .formats.diffusers import (INPUT_AXIS_REFUSAL, METADATA_KEY, AdapterFileError, components_of, load_adapter,
-                                read_adapter_file, save_adapter)
+from .formats.diffusers import INPUT_AXIS_REFUSAL, save_adapter
 from .formats.kohya import save_kohya
+from .formats.load import load_adapter, read_adapter_file
 from .inject import as_dora, merge_adapters
 from .layers import adapter_modules
 

@@ -152,7 +152,8 @@ def find_targets(module: nn.Module, config: AdapterConfig) -> list[str]:
     return names
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``name`` inside ``root`` (``a.b.c``: ``root.a.b.c = new``)."""
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, new)
@@ -210,7 +211,7 @@ def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: boo
     for name, adapter in adapters.items():
         if config.memory_saving and isinstance(adapter, DoRALinear) and any(name_matches(name, t) for t in RESIDUAL_TAILS):
             adapter.magnitude_grad = "recompute"
-        _set_submodule(module, name, adapter)
+        set_submodule(module, name, adapter)
     for _, adapter in adapter_modules(module):
         adapter.base.requires_grad_(False)
     return names
@@ -284,7 +285,7 @@ def merge_adapters(module: nn.Module) -> list[str]:
     names = []
     for name, adapter in list(adapter_modules(module)):
         adapter.merge()
-        _set_submodule(module, name, adapter.base)
+        set_submodule(module, name, adapter.base)
         names.append(name)
     return names
 
@@ -301,7 +302,7 @@ def as_dora(module: nn.Module) -> list[str]:
             d.lora_B.copy_(a.lora_B)
             d.magnitude.copy_(a.magnitude)
             d.scale, d.enabled = a.scale, a.enabled
-            _set_submodule(module, name, d)
+            set_submodule(module, name, d)
             names.append(name)
     return names
 
@@ -311,7 +312,7 @@ def remove_adapters(module: nn.Module) -> list[str]:
     names = []
     for name, adapter in list(adapter_modules(module)):
         adapter.unmerge()
-        _set_submodule(module, name, adapter.base)
+        set_submodule(module, name, adapter.base)
         names.append(name)
     return names
 
@@ -335,5 +336,5 @@ def adapter_summary(module: nn.Module) -> dict:
 __all__ = [
     "AdapterConfig", "AdapterError", "PRESETS", "add_adapters", "adapter_parameters", "adapter_state_dict",
     "check_state_dict", "find_targets", "load_adapter_state_dict", "merge_adapters", "name_matches",
-    "remove_adapters", "adapter_summary", "as_dora", "LoRALinear", "DoRALinear", "DVoRALinear", "MagnitudeLinear",
+    "remove_adapters", "adapter_summary", "as_dora", "set_submodule", "LoRALinear", "DoRALinear", "DVoRALinear", "MagnitudeLinear",
 ]

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from conftest import randomize_adapters, text_ids, unet_inputs
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapters, load_adapter, save_adapter, set_adapter_scale
-from dora_diffusion.formats.diffusers import WEIGHT_NAME, unload_adapter
+from dora_diffusion.formats import WEIGHT_NAME, unload_adapter
 from dora_diffusion.layers import AdapterLinear, adapter_modules
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")

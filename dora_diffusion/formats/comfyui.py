@@ -19,15 +19,17 @@ and ``load_adapter`` reads the file back exactly (it has the base weights from t
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from ..layers import adapter_modules
-from .diffusers import components_of, save_safetensors_atomic
-from .kohya import kohya_header, kohya_name, kohya_state_dict, magnitude_axis_of
+from ..layers import AdapterLinear, adapter_modules
+from .base import LoadReport, components_of, output_file, save_safetensors_atomic
+from .kohya import kohya_header, kohya_name, kohya_state_dict, magnitude_axis_of, plan_kohya
 
+COMFYUI_LAYOUT = "comfyui"  # our metadata's ``layout`` for this file
 COMFYUI_COMMIT = "a125cd84b054a57729b5eecab930ca9408719832"  # Comfy-Org/ComfyUI, 2025-10-12: what the tests run
 COMFYUI_EPS = torch.finfo(torch.float32).eps  # weight_decompose: finfo(weight.dtype).eps of the fp32 working copy
 NOTE = ("for ComfyUI and Forge only: their DoRA (weight_decompose) divides by ||W0||_row + eps, and this dora_scale "
@@ -71,11 +73,7 @@ def comfyui_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 def save_comfyui(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write the ComfyUI/Forge ``.safetensors`` (atomic; an existing file is kept unless ``overwrite``)."""
-    file = Path(path)
-    if file.suffix != ".safetensors":
-        file = file / "adapter_comfyui.safetensors"
-    if file.exists() and not overwrite:
-        raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
+    file = output_file(path, "adapter_comfyui.safetensors", overwrite)
     tensors, summary = comfyui_state_dict(obj)
     dtypes = sorted({str(a.base.weight.dtype).removeprefix("torch.") for m in components_of(obj).values() for _, a in adapter_modules(m)})
     target = {
@@ -86,7 +84,19 @@ def save_comfyui(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, An
         "comfyui_commit": COMFYUI_COMMIT,
         "not_for": "LyCORIS / sd-scripts / kohya loaders (they divide by ||W0 + dW||_row): use the kohya export",
     }
-    header = kohya_header(summary, {**dict(metadata or {}), "comfyui": target}, layout="comfyui", axis=magnitude_axis_of(obj))
+    header = kohya_header(summary, {**dict(metadata or {}), "comfyui": target}, layout=COMFYUI_LAYOUT, axis=magnitude_axis_of(obj))
     header["dora_diffusion_note"] = NOTE
     return save_safetensors_atomic(tensors, file, header)
 
+
+def plan_comfyui(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str],
+                 source: str) -> tuple[dict[tuple[str, str], AdapterLinear], LoadReport]:
+    """Read our ComfyUI/Forge file back exactly: the kohya reader, then every output-axis DoRA magnitude
+    recovered from its ``dora_scale [out, 1] = m·(‖W0‖ + eps)/‖W0 + ΔW‖`` with the pipeline's own W0."""
+    planned, report = plan_kohya(pipe, tensors, meta, source, layout=COMFYUI_LAYOUT)
+    with torch.no_grad():
+        for adapter in planned.values():
+            if adapter.method == "dora":  # LoRA and input-axis DoRA are as in the kohya file
+                adapter.magnitude.copy_(magnitude_from_comfyui(adapter.base.weight, adapter.lora_A, adapter.lora_B,
+                                                               adapter.alpha, adapter.magnitude))
+    return planned, report

@@ -25,67 +25,50 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..inject import AdapterError, ADAPTER_PARAMS, _set_submodule
-from ..layers import AdapterLinear, adapter_modules, set_adapter_scale
-from ..inject import remove_adapters
-from ..layers import ADAPTER_CLASSES
+from ..inject import ADAPTER_PARAMS, AdapterError
+from ..layers import ADAPTER_CLASSES, AdapterLinear, adapter_modules
+from .base import (
+    FORMAT_VERSION,
+    MAGNITUDE_ONLY_ALPHA,
+    MAGNITUDE_ONLY_RANK,
+    METADATA_KEY,
+    TEXT_ENCODERS,
+    AdapterFileError,
+    LoadReport,
+    canonical_name,
+    components_of,
+    module_name,
+    our_entry,
+    output_file,
+    raise_if_problems,
+    save_safetensors_atomic,
+    written_factors,
+)
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-METADATA_KEY = "dora_diffusion"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-FORMAT_VERSION = 1
 # Text-encoder magnitudes are spelled ``...lora_magnitude_vector.weight``. With transformers 5,
 # diffusers (0.42) hands text-encoder keys to transformers' own adapter loader, which expects the
 # parameter's full name (``lora_magnitude_vector.<adapter>.weight``) and silently DROPS keys spelled
 # ``...lora_magnitude_vector`` (the spelling PEFT and diffusers' own scripts write): the text encoders
 # then run with fresh magnitudes = ‖W0‖ and give wrong outputs. PEFT's loader accepts both spellings.
 TE_MAGNITUDE_SUFFIX = ".lora_magnitude_vector.weight"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INPUT_AXIS_REFUSAL = ("{where}: input-axis DoRA (dora_scale [1, in], as LyCORIS < 3.2 and OneTrainer write it) has no "
                       "diffusers/PEFT layout: their DoRA magnitude is per output row, and no output-row DoRA equals it. "
                       "Export it with --format kohya or comfyui, or merged into the model (merged-folder, merged-single)")
 
 
-class AdapterFileError(AdapterError):
-    """An adapter file that cannot be read or does not fit the model; the message names the file."""
-
-
 # --------------------------------------------------------------------------------------------
-# Names: ours (module names of the installed libraries) <-> the file's canonical ones
+# Keys
 # --------------------------------------------------------------------------------------------
-
-
-def _has_text_model_level(module: nn.Module) -> bool:
-    return hasattr(module, "text_model")
-
-
-def canonical_name(component: str, module: nn.Module, name: str) -> str:
-    """The file's spelling of a module name: text encoders always with ``text_model.``."""
-    if component in TEXT_ENCODERS and not _has_text_model_level(module):
-        return f"text_model.{name}"
-    return name
-
-
-def module_name(component: str, module: nn.Module, canonical: str) -> str:
-    """The installed library's spelling of a canonical (file) module name."""
-    if component in TEXT_ENCODERS:
-        has = _has_text_model_level(module)
-        if has and not canonical.startswith("text_model."):
-            return f"text_model.{canonical}"
-        if not has and canonical.startswith("text_model."):
-            return canonical.removeprefix("text_model.")
-    return canonical
 
 
 _LAYER_KEYS = {  # file suffix -> our parameter name; first match wins
@@ -112,25 +95,6 @@ def _file_suffixes(component: str) -> dict[str, str]:
         "magnitude": TE_MAGNITUDE_SUFFIX,
         **vera,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Components of a pipeline
-# --------------------------------------------------------------------------------------------
-
-
-def components_of(obj: Any) -> dict[str, nn.Module]:
-    """``{component name: module}`` of a pipeline, a dict of modules, or a bare UNet."""
-    if isinstance(obj, Mapping):
-        comps = {k: v for k, v in obj.items() if isinstance(v, nn.Module)}
-    elif isinstance(obj, nn.Module):
-        comps = {"unet": obj}
-    else:
-        comps = {c: getattr(obj, c) for c in COMPONENTS if isinstance(getattr(obj, c, None), nn.Module)}
-    unknown = set(comps) - set(COMPONENTS)
-    if unknown:
-        raise AdapterError(f"unknown component(s) {sorted(unknown)}; expected some of {list(COMPONENTS)}")
-    return comps
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,14 +134,14 @@ def diffusers_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, d
             if a.method != method:
                 layer_methods[canon] = a.method
             if a.method == "magnitude":  # as DoRA with A = B = 0 (see module docstring)
-                w = a.base.weight
-                tensors[f"{comp}.{canon}{suffix['lora_A']}"] = torch.zeros(1, w.shape[1], dtype=a.magnitude.dtype)
-                tensors[f"{comp}.{canon}{suffix['lora_B']}"] = torch.zeros(w.shape[0], 1, dtype=a.magnitude.dtype)
+                down, up, _ = written_factors(a)
+                tensors[f"{comp}.{canon}{suffix['lora_A']}"] = down
+                tensors[f"{comp}.{canon}{suffix['lora_B']}"] = up
             for p in ADAPTER_PARAMS[a.method]:
                 tensors[f"{comp}.{canon}{suffix[p]}"] = getattr(a, p).detach().to("cpu").contiguous().clone()
         directional = [a for _, a in mods if a.method != "magnitude"]
-        rank = _uniform([a.rank for a in directional], "ranks", comp) if directional else 1
-        alpha = _uniform([a.alpha for a in directional], "alphas", comp) if directional else 1.0
+        rank = _uniform([a.rank for a in directional], "ranks", comp) if directional else MAGNITUDE_ONLY_RANK
+        alpha = _uniform([a.alpha for a in directional], "alphas", comp) if directional else MAGNITUDE_ONLY_ALPHA
         extra = {"norm_grad": mods[0][1].norm_grad} if method in ("dora", "dvora") else {}
         if method == "dvora":
             extra["vera_seed"] = _uniform([a.seed for _, a in mods], "VeRA seeds", comp)
@@ -207,10 +171,7 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
     """
     if format != "diffusers":
         raise AdapterError(f"format: only 'diffusers' is written here, got {format!r}")
-    path = Path(path)
-    file = path if path.suffix == ".safetensors" else path / WEIGHT_NAME
-    if file.exists() and not overwrite:
-        raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
+    file = output_file(path, WEIGHT_NAME, overwrite)
     tensors, summary = diffusers_state_dict(obj)
     ours = {"format_version": FORMAT_VERSION, "magnitude_axis": "out", "components": summary, **dict(metadata or {})}
     diffusers_meta: dict[str, Any] = {}
@@ -221,8 +182,8 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
                "target_modules": _peft_targets(comp, s["layers"]), "init_lora_weights": True}
         magnitude_only = _peft_targets(comp, [n for n, m in s.get("layer_methods", {}).items() if m == "magnitude"])
         if magnitude_only:  # written as rank-1 DoRA with A = B = 0: PEFT needs their rank and alpha
-            cfg["rank_pattern"] = {f"^(.*\\.)?{re.escape(n)}$": 1 for n in magnitude_only}
-            cfg["alpha_pattern"] = {f"^(.*\\.)?{re.escape(n)}$": 1 for n in magnitude_only}
+            cfg["rank_pattern"] = {f"^(.*\\.)?{re.escape(n)}$": MAGNITUDE_ONLY_RANK for n in magnitude_only}
+            cfg["alpha_pattern"] = {f"^(.*\\.)?{re.escape(n)}$": MAGNITUDE_ONLY_ALPHA for n in magnitude_only}
         diffusers_meta.update({f"{comp}.{k}": v for k, v in cfg.items()})
     header = {
         "format": "pt",
@@ -232,74 +193,9 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
     return save_safetensors_atomic(tensors, file, header)
 
 
-def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], file: Path, metadata: Mapping[str, str]) -> Path:
-    """Write a ``.safetensors`` file through a temporary sibling renamed into place: a failure or a
-    kill mid-write leaves what was at ``file`` intact."""
-    from safetensors.torch import save_file
-
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=file.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata) or None)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; an adapter file is meant to be shared
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return file
-
-
 # --------------------------------------------------------------------------------------------
 # Read
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_adapter_file(path: str | os.PathLike) -> Path:
-    """The ``.safetensors`` file behind ``path`` (a file, or a folder holding one); pickles refused."""
-    p = Path(path)
-    if p.is_dir():
-        candidates = [p / WEIGHT_NAME] + sorted(p.glob("*.safetensors"))
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            pickles = [c.name for c in p.iterdir() if c.suffix.lower() in PICKLE_SUFFIXES]
-            hint = f" (found {', '.join(pickles)}: pickle files are not loaded)" if pickles else ""
-            raise AdapterFileError(f"{p}: no .safetensors adapter file in this folder{hint}")
-        return found
-    if not p.exists():
-        raise AdapterFileError(f"{p}: no such file or folder")
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterFileError(
-            f"{p}: is a pickle file ({p.suffix}); only .safetensors files are loaded, because unpickling "
-            "can run arbitrary code. Convert it once in a trusted environment."
-        )
-    if p.suffix.lower() != ".safetensors":
-        raise AdapterFileError(f"{p}: not a .safetensors file")
-    return p
-
-
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
-    """Tensors and header metadata of a safetensors adapter file; malformed files are clear errors."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    file = resolve_adapter_file(path)
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(file))
-    except Exception as e:  # safetensors raises SafetensorError / OSError subclasses with terse messages
-        raise AdapterFileError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return tensors, meta, file
-
-
-def warn_if_not_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Warn, naming ``source`` and the first key, when tensors hold NaN or inf: a run that diverged saves
-    them with the right shapes, so they load, and every image made with them is black or noise."""
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        warnings.warn(f"{source}: {bad[0]} holds NaN or inf values ({len(bad)} tensors of {len(tensors)} do); "
-                      "the run that wrote it probably diverged", UserWarning, stacklevel=3)
 
 
 @dataclass
@@ -307,40 +203,6 @@ class LayerSpec:
     component: str
     name: str  # the installed library's module name
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class LoadReport:
-    """What ``load_adapter`` loaded: printed by the CLI, returned to callers."""
-
-    file: str
-    method: dict[str, str]
-    rank: dict[str, int]
-    alpha: dict[str, float]
-    layers: dict[str, int]
-    keys_left_over: list[str]
-    metadata: dict[str, Any]
-
-    def add(self, component: str, method: str, rank: int, alpha: float) -> None:
-        """Count one planned layer."""
-        if self.method.setdefault(component, method) != method:
-            self.method[component] = "mixed"
-        self.rank[component] = max(self.rank.get(component, 0), rank)
-        self.alpha[component] = alpha
-        self.layers[component] = self.layers.get(component, 0) + 1
-
-    def __str__(self) -> str:
-        parts = [f"{c}: {self.method[c]} r={self.rank[c]} alpha={self.alpha[c]:g}, {self.layers[c]} layers" for c in self.layers]
-        extra = f"; {len(self.keys_left_over)} keys left over" if self.keys_left_over else ""
-        return f"{self.file}: " + "; ".join(parts) + extra
-
-
-def raise_if_problems(source: str, problems: list[str]) -> None:
-    """One error naming the file and the first problems; raised before the pipeline is touched."""
-    if problems:
-        raise AdapterFileError(
-            f"{source}: does not fit this pipeline ({len(problems)} problem(s); is it for another model?): " + "; ".join(problems[:5])
-        )
 
 
 def _parse_layers(tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module]) -> tuple[dict[tuple[str, str], LayerSpec], list[str]]:
@@ -383,10 +245,7 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     Every name and shape is checked before anything is changed; errors name the file.
     """
     comps = components_of(pipe)
-    try:
-        ours = json.loads(meta.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
-        raise AdapterFileError(f"{source}: metadata entry {METADATA_KEY!r} is not valid JSON") from None
+    ours = our_entry(meta, source)
     if ours.get("magnitude_axis", "out") != "out":
         raise AdapterFileError(f"{source}: magnitude axis {ours['magnitude_axis']!r} is not the output-row axis")
     layers, left = _parse_layers(tensors, comps)
@@ -455,33 +314,3 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
         report.add(comp, method, rank, alpha)
     raise_if_problems(source, problems)
     return planned, report
-
-
-def load_adapter(pipe: Any, path: str | os.PathLike, scale: float = 1.0) -> LoadReport:
-    """Load an adapter file into ``pipe`` (replacing adapters it has), at run-time ``scale``.
-
-    Reads our files, diffusers'/PEFT's (also those of diffusers' DreamBooth scripts) and kohya/LyCORIS
-    files (SGM or diffusers names; ``dora_scale`` per output row or per input column). Exact for every
-    component (UNet and both text encoders, LoRA, DoRA, magnitude-only). The file
-    is read and checked completely before the pipeline is touched: on any error it is unchanged.
-    """
-    from .kohya import is_kohya, plan_kohya
-
-    tensors, meta, file = read_adapter_file(path)
-    warn_if_not_finite(tensors, str(file))
-    plan = plan_kohya if is_kohya(tensors) else plan_adapters
-    planned, report = plan(pipe, tensors, meta, str(file))
-    comps = components_of(pipe)
-    for module in comps.values():
-        remove_adapters(module)
-    for (comp, name), adapter in planned.items():  # built on their base layer's device
-        _set_submodule(comps[comp], name, adapter)
-    for comp in report.layers:
-        set_adapter_scale(comps[comp], scale)
-    return report
-
-
-def unload_adapter(pipe: Any) -> None:
-    """Remove every adapter from ``pipe``, restoring the base weights."""
-    for module in components_of(pipe).values():
-        remove_adapters(module)

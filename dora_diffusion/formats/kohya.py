@@ -14,7 +14,7 @@ These are different functions, not two spellings: the reader builds ``DoRALinear
 ``DoRAInputAxisLinear`` for the second. A 1-D ``dora_scale`` is read by its length, and a length
 that fits both axes (a square layer) needs the file's metadata to say which. ComfyUI and Forge
 divide an output-axis ``dora_scale`` by ‖W0‖ instead: ``comfyui.py`` writes the file for them
-(same keys, other ``dora_scale``, metadata ``layout: comfyui``), which this reader also reads exactly.
+(same keys, other ``dora_scale``, metadata ``layout: comfyui``) and reads it back exactly on top of this reader.
 
 Underscore-joined names are ambiguous (``to_q``, ``transformer_blocks``), so names are not parsed:
 the reader computes every kohya spelling of the model's own Linear layers (SGM and diffusers names)
@@ -25,23 +25,30 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..layers import ADAPTER_CLASSES, AdapterLinear, adapter_modules
-from .diffusers import (
+from .base import (
+    FORMAT_VERSION,
     METADATA_KEY,
     AdapterFileError,
     LoadReport,
     canonical_name,
     components_of,
+    our_entry,
+    output_file,
     raise_if_problems,
     save_safetensors_atomic,
+    written_factors,
 )
+from .original import sgm_unet_name
 
+KOHYA_LAYOUT = "kohya"  # our metadata's ``layout`` for this file (``comfyui.py`` writes another one)
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 SUFFIXES = {".lora_down.weight": "lora_A", ".lora_up.weight": "lora_B", ".alpha": "alpha", ".dora_scale": "dora_scale"}
 
@@ -53,8 +60,6 @@ def is_kohya(keys) -> bool:
 def _kohya_names(component: str, module: nn.Module, name: str) -> list[str]:
     """Every kohya spelling of one module: SGM names first (as sd-scripts writes SDXL), then diffusers'."""
     if component == "unet":
-        from .original import sgm_unet_name
-
         spellings = [sgm_unet_name(name), name]
     else:
         canon = canonical_name(component, module, name)
@@ -88,12 +93,7 @@ def kohya_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
             if a.merged:
                 raise AdapterFileError(f"{comp}.{name}: adapter is merged; unmerge it before exporting")
             key = kohya_name(comp, module, name)
-            if a.method == "magnitude":
-                # As DoRA with zero up/down: W' = m ⊙ W0 / ‖W0‖_row, exact in every DoRA loader.
-                out_f, in_f = a.base.weight.shape
-                down, up, alpha = torch.zeros(1, in_f), torch.zeros(out_f, 1), 1.0
-            else:
-                down, up, alpha = a.lora_A.detach(), a.lora_B.detach(), a.alpha  # DVoRA: the expanded A', B' 
+            down, up, alpha = written_factors(a)  # magnitude-only: zeros; DVoRA: the expanded A', B'
             tensors[f"{key}.lora_down.weight"] = down.float().cpu().contiguous().clone()
             tensors[f"{key}.lora_up.weight"] = up.float().cpu().contiguous().clone()
             tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
@@ -117,7 +117,7 @@ def magnitude_axis_of(obj: Any) -> str | None:
     return None if not axes else axes.pop() if len(axes) == 1 else "mixed"
 
 
-def kohya_header(summary: Mapping[str, Any], metadata: Mapping[str, Any] | None, *, layout: str = "kohya",
+def kohya_header(summary: Mapping[str, Any], metadata: Mapping[str, Any] | None, *, layout: str = KOHYA_LAYOUT,
                  axis: str | None = None) -> dict[str, str]:
     """The safetensors metadata: sd-scripts' ``ss_*`` keys (LyCORIS network args: ``dora_wd``, ``wd_on_output``
     for the file's magnitude axis) and our entry."""
@@ -135,18 +135,14 @@ def kohya_header(summary: Mapping[str, Any], metadata: Mapping[str, Any] | None,
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": "sdxl_base_v1-0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        METADATA_KEY: json.dumps({"format_version": 1, "layout": layout, "magnitude_axis": axis or "out",
+        METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "layout": layout, "magnitude_axis": axis or "out",
                                   "components": dict(summary), **dict(metadata or {})}, sort_keys=True),
     }
 
 
 def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write a kohya/LyCORIS ``.safetensors`` (atomic; an existing file is kept unless ``overwrite``)."""
-    file = Path(path)
-    if file.suffix != ".safetensors":
-        file = file / "adapter_kohya.safetensors"
-    if file.exists() and not overwrite:
-        raise FileExistsError(f"{file} exists; pass overwrite=True to replace it")
+    file = output_file(path, "adapter_kohya.safetensors", overwrite)
     tensors, summary = kohya_state_dict(obj)
     return save_safetensors_atomic(tensors, file, kohya_header(summary, metadata, axis=magnitude_axis_of(obj)))
 
@@ -187,13 +183,19 @@ def _magnitude_axis(scale: torch.Tensor, out_f: int, in_f: int, declared: str | 
     raise AdapterFileError(f"{where}: dora_scale shape {shape} fits neither [{out_f}, 1] nor [1, {in_f}]")
 
 
-def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str):
-    """Build one adapter per module of a kohya file, checked against ``pipe`` before anything changes."""
+def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str, *,
+               layout: str = KOHYA_LAYOUT) -> tuple[dict[tuple[str, str], AdapterLinear], LoadReport]:
+    """Build one adapter per module of a kohya file, checked against ``pipe`` before anything changes.
+
+    Every ``dora_scale`` is taken as the DoRA magnitude. ``layout``: the layout the caller reads; a file
+    whose metadata names another one (our ComfyUI file, whose ``dora_scale`` is not the magnitude) is refused
+    (``comfyui.plan_comfyui`` reads that one).
+    """
     comps = components_of(pipe)
-    try:
-        ours = json.loads(meta.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
-        ours = {}
+    ours = our_entry(meta, source, strict=False)
+    written_for = ours.get("layout", KOHYA_LAYOUT)
+    if written_for != layout:
+        raise AdapterFileError(f"{source}: written as the {written_for!r} layout, read here as {layout!r}")
     declared = ours.get("magnitude_axis")
     if declared is None:  # LyCORIS records wd_on_output in its network args
         try:
@@ -202,8 +204,6 @@ def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
                 declared = "out" if str(args["wd_on_output"]).lower() == "true" else "in"
         except json.JSONDecodeError:
             pass
-    # our ComfyUI/Forge file: dora_scale [out, 1] = m·(‖W0‖ + eps)/‖W0 + ΔW‖, read back exactly with this W0
-    comfyui = ours.get("layout") == "comfyui"
     table = _lookup(comps)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     left: list[str] = []
@@ -244,11 +244,7 @@ def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
         with torch.no_grad():
             adapter.lora_A.copy_(down)
             adapter.lora_B.copy_(up)
-            if method == "dora" and comfyui:
-                from .comfyui import magnitude_from_comfyui
-
-                adapter.magnitude.copy_(magnitude_from_comfyui(base.weight, down, up, alpha, parts["dora_scale"]))
-            elif method != "lora":
+            if method != "lora":
                 adapter.magnitude.copy_(parts["dora_scale"].reshape(-1))
         planned[(comp, name)] = adapter
         report.add(comp, method, r, alpha)

@@ -44,6 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inject import AdapterError
+from ..layers import AdapterLinear
+from .base import components_of, save_safetensors_atomic
+
 __all__ = [
     "CLIP_L_PREFIX",
     "OPEN_CLIP_PREFIX",
@@ -317,15 +321,15 @@ def ldm_vae_name(diffusers_name: str, config: Any = None) -> str:
 # The whole checkpoint
 # --------------------------------------------------------------------------------------------
 
-_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+CHECKPOINT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def _components(pipe_or_components: Any) -> dict[str, nn.Module]:
-    if isinstance(pipe_or_components, Mapping):
-        found = {name: pipe_or_components.get(name) for name in _COMPONENTS}
-    else:
-        found = {name: getattr(pipe_or_components, name, None) for name in _COMPONENTS}
-    missing = [name for name, module in found.items() if module is None]
+    try:
+        found = components_of(pipe_or_components, CHECKPOINT_COMPONENTS)
+    except AdapterError as e:
+        raise OriginalFormatError(f"An original SDXL checkpoint: {e}.") from None
+    missing = [name for name in CHECKPOINT_COMPONENTS if name not in found]
     if missing:
         raise OriginalFormatError(
             f"An original SDXL checkpoint needs unet, vae, text_encoder and text_encoder_2; missing: {', '.join(missing)}."
@@ -333,20 +337,12 @@ def _components(pipe_or_components: Any) -> dict[str, nn.Module]:
     for name, module in found.items():
         for module_name, sub in module.named_modules():
             # our adapters (AdapterLinear: a ``base`` layer plus A/B/magnitude) and PEFT's (``base_layer``)
-            if hasattr(sub, "base_layer") or _is_our_adapter(sub):
+            if hasattr(sub, "base_layer") or isinstance(sub, AdapterLinear):
                 raise OriginalFormatError(
                     f"{name}.{module_name} is an unmerged adapter layer ({type(sub).__name__}); merge the adapters "
                     "into the base weights (merge_adapters) before writing a single-file checkpoint."
                 )
-    return found
-
-
-def _is_our_adapter(module: nn.Module) -> bool:
-    try:
-        from ..layers import AdapterLinear
-    except ImportError:  # pragma: no cover - the package always has it
-        return False
-    return isinstance(module, AdapterLinear)
+    return {name: found[name] for name in CHECKPOINT_COMPONENTS}
 
 
 def _unet_state(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -481,7 +477,5 @@ def save_original_sdxl(
     state = {
         key: tensor.to("cpu").contiguous() for key, tensor in to_original_sdxl(pipe, dtype=dtype).items()
     }
-    from .diffusers import save_safetensors_atomic
-
     save_safetensors_atomic(state, target, header)
     return target
