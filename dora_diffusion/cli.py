@@ -32,11 +32,11 @@ def _recorded_model(given: str | None, sources: list[str]) -> str | None:
     """The base model a command loads: the one given, else the first one its runs recorded."""
     if given:
         return given
-    from .export import base_model_of
+    from .runs import base_model
 
     for source in sources:
         with contextlib.suppress(Exception):  # a bad path is reported by the command itself
-            if (model := base_model_of(source)) is not None:
+            if (model := base_model(source)) is not None:
                 return model
     return None
 
@@ -81,6 +81,32 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.output), steps=args.steps, overwrite=args.overwrite, threads=args.threads)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import demo
+    from .config import ConfigError
+    from .sweep import SweepConfig, run_sweep
+
+    def ints(text: str, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected comma-separated integers, got {text!r}") from None
+
+    sample = args.data is None  # the demo's subject, prompts and scene prompts
+    scenes = dict(demo.SCENE_PROMPTS) if sample else {p: "" for p in (args.scene_prompts or "").split("|") if p.strip()}
+    cfg = SweepConfig(
+        output=args.output, data=str(demo.SAMPLE_DATA) if sample else args.data,
+        prompt=args.prompt or demo.PROMPT, class_prompt=args.class_prompt or demo.CLASS_PROMPT, model=args.model,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), ranks=ints(args.ranks, "ranks"),
+        seeds=ints(args.seeds, "seeds"), steps=args.steps, learning_rate=args.learning_rate, targets=args.targets,
+        scene_prompts=scenes, eval_seeds=args.eval_seeds, dino=args.dino, clip=args.clip, threads=args.threads,
+    )
+    summary = run_sweep(cfg)
+    print((Path(args.output) / "sweep.md").read_text())
+    print(f"{len(summary['cells'])} cells; table, CSV, JSON and plot in {args.output}")
     return 0
 
 
@@ -146,7 +172,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise ConfigError(f"ranks: expected comma-separated integers, got {args.ranks!r}") from None
     prompts = [p.strip() for p in args.validation_prompts.split("|")] if args.validation_prompts else []
     compare(CompareConfig(train_cfg, methods=[m.strip() for m in args.methods.split(",")], ranks=ranks,
-                          validation_prompts=prompts, sample_steps=args.sample_steps, sample_size=args.sample_size))
+                          validation_prompts=prompts, sample_steps=args.sample_steps, sample_size=args.sample_size,
+                          eval_seeds=args.eval_seeds, dino=args.dino, clip=args.clip))
     return 0
 
 
@@ -241,9 +268,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-prompts", default=None, help="grid rows, separated by '|' (default: the prompt and two variations)")
     p.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the grid images")
     p.add_argument("--sample-size", type=int, default=None, help="grid image size in pixels (default: the model's)")
+    p.add_argument("--eval-seeds", dest="eval_seeds", type=int, default=8,
+                   help="sampling seeds per prompt for subject fidelity, prompt fidelity and drift; 0 = no metrics (default: %(default)s)")
+    p.add_argument("--dino", default=None, help="DINO model for subject fidelity (default on the embedded model: its judge)")
+    p.add_argument("--clip", default=None, help="CLIP model for prompt fidelity, CLIP-T (local folder or cached hub id)")
     add_config_arguments(p)
     _add_threads(p)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("sweep", help="LoRA vs DoRA at several ranks and seeds: subject fidelity, prompt fidelity, drift",
+                       description="Train every (method, rank, seed) with identical settings, evaluate each on the same "
+                       "sampling seeds, and write sweep.md/csv/json and sweep.png (metrics against rank) under --output. "
+                       "Resumable: finished cells are read back. Without --data: the sample subject on the embedded model, "
+                       "judged by the toy world's judge.")
+    p.add_argument("--output", default="outputs/sweep", help="sweep folder (default: %(default)s)")
+    p.add_argument("--data", default=None, help="subject folder (default: the sample subject)")
+    p.add_argument("--prompt", default=None, help="instance prompt (default: 'a photo of sks toy')")
+    p.add_argument("--class-prompt", dest="class_prompt", default=None, help="class prompt: prior preservation and drift")
+    p.add_argument("--scene-prompts", dest="scene_prompts", default=None, help="prompt-fidelity prompts, separated by '|' (needs --clip)")
+    p.add_argument("--model", default=None, help="base model (default: the embedded tiny model)")
+    p.add_argument("--methods", default="lora,dora", help="comma-separated: lora, dora, magnitude, dvora (default: %(default)s)")
+    p.add_argument("--ranks", default="4,8,16", help="comma-separated ranks (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=400, help="training steps per cell (default: %(default)s)")
+    p.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-3, help="(default: %(default)s)")
+    p.add_argument("--targets", default="attn+ff", help="layers to adapt (default: %(default)s)")
+    p.add_argument("--eval-seeds", dest="eval_seeds", type=int, default=16, help="sampling seeds per prompt (default: %(default)s)")
+    p.add_argument("--dino", default=None, help="DINO model for subject fidelity (local folder or cached hub id)")
+    p.add_argument("--clip", default=None, help="CLIP model for prompt fidelity, CLIP-T (local folder or cached hub id)")
+    _add_threads(p)
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("analyze", help="weight-decomposition analysis (DoRA paper §3.2): ΔD vs ΔM per layer and checkpoint")
     p.add_argument("runs", nargs="+", help="run folders, checkpoint folders, adapter files or fine-tuned UNet folders")
@@ -278,13 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     from .inject import AdapterError
     from .analysis import AnalysisError
     from .formats import AdapterFileError
+    from .metrics import MetricsModelNotFound
     from .models import ModelNotFoundError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, AdapterError, AdapterFileError, AnalysisError, ModelNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, AdapterError, AdapterFileError, AnalysisError, ModelNotFoundError, MetricsModelNotFound,
+            FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

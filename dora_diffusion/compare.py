@@ -75,6 +75,12 @@ class CompareConfig:
     """Rows of the grid. Default: the instance prompt and two variations of it."""
     sample_steps: int = 25
     sample_size: int | None = None
+    eval_seeds: int = 8
+    """Sampling seeds per prompt for the metrics (subject fidelity, prompt fidelity, drift); 0 = no metrics."""
+    dino: str | None = None
+    """DINO model for subject fidelity; default on the embedded tiny model: the toy world's judge."""
+    clip: str | None = None
+    """CLIP model for prompt fidelity (CLIP-T) over the validation prompts other than the instance prompt."""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -137,17 +143,84 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     grid_path = root / "grid.png"
     grid.save(grid_path)
 
+    metrics = _metrics(cfg, pipe, runs)
+
     analysis = analyze([r["output"] for r in runs], root / "analysis", model=cfg.train.model)
     for run in runs:  # the analysis names a run by its folder
         run["delta_d_delta_m_correlation"] = analysis.get("by_run", {}).get(Path(run["output"]).name, {}).get("pearson")
     summary = {"settings": {**cfg.train.to_dict(), "methods": cfg.methods, "ranks": cfg.ranks,
                             "validation_prompts": cfg.validation_prompts},
-               "runs": runs, "grid": str(grid_path), "analysis": analysis.get("files", {})}
+               "runs": runs, "grid": str(grid_path), "analysis": analysis.get("files", {}), **metrics}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (root / "summary.md").write_text(summary_table(runs))
-    print(summary_table(runs))
+    table = summary_table(runs) + metrics_table(runs, metrics)
+    (root / "summary.md").write_text(table)
+    print(table)
     print(f"grid: {grid_path}\nanalysis: {analysis.get('files', {}).get('png', root / 'analysis')}")
     return summary
+
+
+def _metrics(cfg: CompareConfig, pipe, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Subject fidelity, prompt fidelity and drift per run (into ``runs``), the base's, and verdict lines."""
+    from .evaluation import Evaluator, judge_of, scene_prompts_for_judge
+    from .models import resolve_model
+
+    model_dir = Path(resolve_model(cfg.train.model))
+    if cfg.eval_seeds < 1:
+        return {}
+    if not cfg.dino and judge_of(model_dir) is None:
+        print("metrics: skipped (no DINO model given, and the base model has no toy-world judge); pass --dino")
+        return {"metrics_skipped": "no DINO model and no judge"}
+    others = [p for p in cfg.validation_prompts if p != cfg.train.prompt]
+    scenes = {p: "" for p in others} if cfg.clip else scene_prompts_for_judge(others)
+    ev = Evaluator(model_dir, cfg.train.data, cfg.train.prompt, cfg.train.class_prompt, scene_prompts=scenes,
+                   eval_seeds=cfg.eval_seeds, inference_steps=cfg.sample_steps, guidance=cfg.train.validation_guidance,
+                   dino=cfg.dino, clip=cfg.clip, pipe=pipe)
+    base = ev.evaluate(None)
+    for run in runs:
+        started = time.perf_counter()
+        run["metrics"] = ev.evaluate(run["output"])
+        run["metrics"]["seconds"] = time.perf_counter() - started
+    return {"base_metrics": base, "metric_verdicts": metric_verdicts(runs)}
+
+
+METRIC_FIELDS = ("subject_fidelity", "subject_drawn", "prompt_fidelity", "drift")
+
+
+def metric_verdicts(runs: list[dict[str, Any]]) -> list[str]:
+    """DoRA against LoRA at each rank, per metric: which is ahead and whether by more than the seed spread."""
+    from .metrics import Score, ahead
+
+    by = {(r["method"], r["rank"]): r for r in runs if "metrics" in r}
+    out = []
+    for (method, rank), run in by.items():
+        other = by.get(("lora", rank))
+        if method != "dora" or other is None:
+            continue
+        for f in METRIC_FIELDS:
+            if f in run["metrics"] and f in other["metrics"]:
+                line = ahead(Score(**run["metrics"][f]), Score(**other["metrics"][f]), names=(run["label"], other["label"]),
+                             lower_is_better=f == "drift")
+                out.append(f"{f.replace('_', ' ')}: {line}")
+    return out
+
+
+def metrics_table(runs: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
+    """The metrics per run as Markdown (empty when they were not computed)."""
+    rows = [("base", metrics["base_metrics"])] if "base_metrics" in metrics else []
+    rows += [(r["label"], r["metrics"]) for r in runs if "metrics" in r]
+    if not rows:
+        return ""
+    kind = rows[0][1].get("prompt_fidelity_kind", "n/a")
+
+    def cell(m: dict[str, Any], f: str) -> str:
+        return f"{m[f]['mean']:.3f} ± {m[f]['std']:.3f} (n={m[f]['n']})" if f in m else "n/a"
+
+    lines = ["", f"| model | subject fidelity ({rows[0][1]['embedding']}) | subject drawn | prompt fidelity ({kind}) | drift |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {label} | " + " | ".join(cell(m, f) for f in METRIC_FIELDS) + " |" for label, m in rows]
+    lines += ["", f"{rows[0][1]['eval_seeds']} sampling seeds per prompt, the same for every model; ± is the std over images."]
+    lines += [f"- {v}" for v in metrics.get("metric_verdicts", [])]
+    return "\n".join(lines) + "\n"
 
 
 def summary_table(runs: list[dict[str, Any]]) -> str:

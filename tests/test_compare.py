@@ -62,3 +62,31 @@ def test_compare_end_to_end(tmp_path):
     # identical settings: same seed, steps and data in every run's resolved config
     cfgs = [json.loads((Path(r["output"]) / "training_config.json").read_text()) for r in summary["runs"]]
     assert len({(c["seed"], c["max_steps"], c["data"], c["learning_rate"]) for c in cfgs}) == 1
+    # a random model has no judge: the metrics are skipped, and say why
+    assert "judge" in summary["metrics_skipped"] and "metrics" not in by["lora r2"]
+
+
+@pytest.mark.slow
+def test_compare_reports_metrics_on_the_embedded_model(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(SAMPLE.glob("*.jpg"))[:3]:
+        shutil.copy(p, data / p.name)
+    out = tmp_path / "cmp"
+    code = main(["compare", "--data", str(data), "--prompt", "a photo of sks toy", "--output", str(out),
+                 "--methods", "lora,dora", "--ranks", "2", "--max-steps", "2", "--validation-steps", "0",
+                 "--num-validation-images", "1", "--validation-inference-steps", "2", "--sample-steps", "2",
+                 "--report-to", "none", "--class-prompt", "a photo of a toy", "--num-class-images", "2",
+                 "--validation-prompts", "a photo of sks toy|sks toy on the grass", "--eval-seeds", "3"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for run in summary["runs"]:
+        m = run["metrics"]
+        assert m["embedding"] == "judge" and m["eval_seeds"] == 3
+        assert m["subject_fidelity"]["n"] == 3 and -1 <= m["subject_fidelity"]["mean"] <= 1
+        assert m["prompt_fidelity_kind"] == "scene kept (judge)" and m["prompt_fidelity"]["n"] == 3
+        assert m["drift"]["n"] == 3 and m["drift"]["mean"] >= -1e-9
+    assert "drift" not in summary["base_metrics"]  # drift is measured from the base
+    assert len(summary["metric_verdicts"]) == 4 and all("dora r2" in v for v in summary["metric_verdicts"])
+    table = (out / "summary.md").read_text()
+    assert "| base |" in table and "subject fidelity (judge)" in table
