@@ -22,7 +22,6 @@ import csv
 import json
 import math
 import os
-import re
 import tempfile
 import textwrap
 from dataclasses import asdict, dataclass, field
@@ -33,16 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .formats.base import COMPONENTS, METADATA_KEY, AdapterFileError, module_name
-from .formats.diffusers import WEIGHT_NAME, plan_adapters
+from . import runs
+from .formats.base import COMPONENTS, AdapterFileError, module_name
+from .formats.diffusers import plan_adapters
 from .formats.load import read_adapter_file, resolve_adapter_file
 from .inject import ADAPTER_PARAMS, AdapterConfig, make_adapter, name_matches
 from .layers import AdapterLinear, DoRALinear, MagnitudeLinear, acc, merged_weight, squared_row_norm
-from .train import CHECKPOINT_DIR, CONFIG_NAME, model_folder
 
 CSV_COLUMNS = ("run", "method", "step", "component", "layer", "delta_m", "delta_d")
 OUTPUT_NAMES = {"png": "decomposition.png", "csv": "decomposition.csv", "json": "decomposition.json"}
-EMBEDDED_BASE_MODEL = "tiny-sdxl (embedded)"  # what train.py records as ``base_model`` for model=None
 FULL = "full"  # the method name of a fully fine-tuned UNet
 
 
@@ -325,7 +323,7 @@ class BaseModel:
             if local is not None and _is_unet_folder(local):
                 self._folder = local.absolute()
             else:
-                from .models import resolve_model  # diffusers: imported when a model is loaded
+                from .models import model_folder, resolve_model  # diffusers: imported when a model is loaded
 
                 self._folder = model_folder(resolve_model(self.model)).absolute()
         return self._folder
@@ -392,38 +390,16 @@ class RunSource:
     adapter_config: AdapterConfig | None = None  # how a training run built its adapters
 
 
-def _step_in(path: Path) -> int | None:
-    for part in reversed(path.parts):
-        m = re.fullmatch(r"checkpoint-(\d+)", part)
-        if m:
-            return int(m.group(1))
-    return None
-
-
 def _unet_snapshots(path: Path) -> list[Snapshot]:
     """A full fine-tuning output: a UNet folder, a pipeline folder, or checkpoint-N/unet folders."""
+    step_in = runs.step_in_path
     if _is_unet_folder(path):
-        return [Snapshot(_step_in(path), path, "unet")]
-    found = [Snapshot(_step_in(p), p, "unet") for p in path.glob("checkpoint-*/unet") if _is_unet_folder(p)]
-    found += [Snapshot(_step_in(p), p, "unet") for p in path.glob("checkpoints/checkpoint-*/unet") if _is_unet_folder(p)]
+        return [Snapshot(step_in(path), path, "unet")]
+    found = [Snapshot(step_in(p), p, "unet") for p in path.glob(f"{runs.CHECKPOINT_PREFIX}*/unet") if _is_unet_folder(p)]
+    found += [Snapshot(step_in(p), p / "unet", "unet") for p in runs.checkpoints(path) if _is_unet_folder(p / "unet")]
     if _is_unet_folder(path / "unet"):
-        found.append(Snapshot(_step_in(path), path / "unet", "unet"))
+        found.append(Snapshot(step_in(path), path / "unet", "unet"))
     return sorted(found, key=lambda s: _step_key(s.step))
-
-
-def _adapter_file_info(file: Path) -> dict[str, Any]:
-    """Our metadata entry of an adapter file (header only; ``{}`` when there is none)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-        info = json.loads(meta.get(METADATA_KEY, "{}"))
-    except ValueError:
-        return {}
-    except Exception as e:  # safetensors' own error types
-        raise AdapterFileError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return info if isinstance(info, dict) else {}
 
 
 def _run_adapter_config(cfg: dict[str, Any], where: Path) -> AdapterConfig:
@@ -446,25 +422,24 @@ def describe_run(path: str | os.PathLike) -> RunSource:
     path = Path(path)
     if not path.exists():
         raise AnalysisError(f"{path}: no such run folder or adapter file")
-    if (path / "state.json").is_file() and (path / "adapter.safetensors").is_file():  # one training checkpoint
-        state = json.loads((path / "state.json").read_text())
-        cfg = state.get("config", {})
-        acfg = _run_adapter_config(cfg, path / "state.json")
-        return RunSource(path, f"{path.parent.parent.name}@{path.name}", cfg.get("model"),
-                         [Snapshot(int(state["step"]), path / "adapter.safetensors", "checkpoint")], acfg.method, acfg)
-    if (path / CONFIG_NAME).is_file():
-        cfg = json.loads((path / CONFIG_NAME).read_text())
-        acfg = _run_adapter_config(cfg, path / CONFIG_NAME)
-        snaps = [Snapshot(_step_in(p), p / "adapter.safetensors", "checkpoint")
-                 for p in (path / CHECKPOINT_DIR).glob("checkpoint-*") if (p / "adapter.safetensors").is_file()]
-        final = path / WEIGHT_NAME
+    if runs.is_checkpoint(path) and (path / runs.CHECKPOINT_ADAPTER_NAME).is_file():  # one training checkpoint
+        state = runs.read_checkpoint_state(path)
+        acfg = _run_adapter_config(state.get("config", {}), path / runs.STATE_NAME)
+        return RunSource(path, f"{runs.run_of_checkpoint(path).name}@{path.name}", runs.base_model(path),
+                         [Snapshot(int(state["step"]), path / runs.CHECKPOINT_ADAPTER_NAME, "checkpoint")], acfg.method, acfg)
+    cfg = runs.read_run_config(path)
+    if cfg is not None:
+        acfg = _run_adapter_config(cfg, runs.config_file(path))
+        snaps = [Snapshot(runs.step_in_path(p), p / runs.CHECKPOINT_ADAPTER_NAME, "checkpoint")
+                 for p in runs.checkpoints(path) if (p / runs.CHECKPOINT_ADAPTER_NAME).is_file()]
+        final = runs.adapter_file(path)
         if final.is_file():
-            step = _adapter_file_info(final).get("trained_steps", cfg.get("max_steps"))
+            step = runs.adapter_metadata(final).get("trained_steps", cfg.get("max_steps"))
             if step not in {s.step for s in snaps}:  # a checkpoint of the same step holds the same weights
                 snaps.append(Snapshot(step, final, "adapter"))
         if not snaps:
-            raise AnalysisError(f"{path}: a training run without adapter checkpoints or {WEIGHT_NAME}")
-        return RunSource(path, path.name, cfg.get("model"), sorted(snaps, key=lambda s: _step_key(s.step)),
+            raise AnalysisError(f"{path}: a training run without adapter checkpoints or {runs.ADAPTER_NAME}")
+        return RunSource(path, path.name, runs.base_model(path), sorted(snaps, key=lambda s: _step_key(s.step)),
                          acfg.method, acfg)
     unets = _unet_snapshots(path) if path.is_dir() else []
     if unets:
@@ -473,13 +448,11 @@ def describe_run(path: str | os.PathLike) -> RunSource:
     try:
         file = resolve_adapter_file(path)
     except AdapterFileError as e:
-        raise AnalysisError(f"{path}: not a training run (no training_config.json), a UNet folder or an adapter file ({e})") from None
-    info = _adapter_file_info(file)
-    model = info.get("base_model")
-    step = info.get("trained_steps")
-    label = path.stem if path.is_file() and path.name != WEIGHT_NAME else file.parent.name
-    return RunSource(path, label, None if model == EMBEDDED_BASE_MODEL else model,
-                     [Snapshot(step if isinstance(step, int) else _step_in(path), file, "adapter")], "")
+        raise AnalysisError(f"{path}: not a training run (no {runs.CONFIG_NAME}), a UNet folder or an adapter file ({e})") from None
+    step = runs.adapter_metadata(file).get("trained_steps")
+    label = path.stem if path.is_file() and path.name != runs.ADAPTER_NAME else file.parent.name
+    return RunSource(path, label, runs.base_model(path),
+                     [Snapshot(step if isinstance(step, int) else runs.step_in_path(path), file, "adapter")], "")
 
 
 def _linear(module: nn.Module, name: str, where: str) -> nn.Linear:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import runs
 from .config import TrainConfig
 
 
@@ -15,6 +16,7 @@ def model_card(config: TrainConfig, *, resolution: int, trainable_parameters: in
     hub_base = config.model if config.model and not Path(config.model).exists() else None
     yaml_base = f"base_model: {hub_base}\n" if hub_base else ""
     load_from = config.model or "PATH/TO/BASE/MODEL"
+    comfyui = runs.comfyui_file(output).relative_to(output).as_posix()
     return f"""---
 {yaml_base}library_name: diffusers
 license: other
@@ -53,7 +55,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 pipe = StableDiffusionXLPipeline.from_pretrained("{load_from}", torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("{output.name}")  # this folder: pytorch_lora_weights.safetensors
+pipe.load_lora_weights("{output.name}")  # this folder: {runs.ADAPTER_NAME}
 image = pipe("{config.validation_prompt or config.prompt}", num_inference_steps=30).images[0]
 ```
 
@@ -68,8 +70,8 @@ load_adapter(pipe, "{output.name}", scale=1.0)
 
 | tool | file |
 |---|---|
-| diffusers, dora-diffusion | `pytorch_lora_weights.safetensors` (this folder, as above) |
-| ComfyUI, Forge | `comfyui/{output.name}.safetensors`: DoRA magnitudes written for their formula, which divides by the base weight's norm (if ComfyUI merges its fix, Comfy-Org/ComfyUI#15458, use the kohya file there) |
+| diffusers, dora-diffusion | `{runs.ADAPTER_NAME}` (this folder, as above) |
+| ComfyUI, Forge | `{comfyui}`: DoRA magnitudes written for their formula, which divides by the base weight's norm (if ComfyUI merges its fix, Comfy-Org/ComfyUI#15458, use the kohya file there) |
 | LyCORIS, sd-scripts | `dora-diffusion export --adapter {output.name} --format kohya --out {output.name}_kohya.safetensors` |
 | A1111 | the merged checkpoint: `dora-diffusion export --adapter {output.name} --format merged-single --out {output.name}_sdxl.safetensors` |
 
@@ -78,11 +80,11 @@ code. Forge applies DoRA with ComfyUI's formula (read from its code, not run). A
 code its DoRA normalises per input column only, so no output-axis DoRA file is exact there, and a merged checkpoint
 has no adapter to misread. The ComfyUI/Forge file is exact on the base weights it was computed from (this run's).
 
-`training_config.json` holds every option of this run.
+`{runs.CONFIG_NAME}` holds every option of this run.
 """
 
 
 def write_model_card(output: Path, config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path]) -> Path:
-    path = Path(output) / "README.md"
+    path = Path(output) / runs.CARD_NAME
     path.write_text(model_card(config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=Path(output)), encoding="utf-8")
     return path

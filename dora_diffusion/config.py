@@ -217,18 +217,17 @@ def resumed_options(values: dict[str, Any]) -> dict[str, Any]:
     """The options the run that ``values`` resume was started with: its checkpoint's (``resume`` a
     checkpoint folder) or its output folder's ``training_config.json`` (``resume = "latest"``); ``{}``
     when not resuming or nothing was saved. So ``--output X --resume latest`` continues run X as it was."""
+    from . import runs
+
     resume = values.get("resume")
     if not resume:
         return {}
-    if resume == "latest":
-        source = Path(values.get("output") or TrainConfig.output) / "training_config.json"
-    else:
-        source = Path(resume) / "state.json"
+    run = Path(values.get("output") or TrainConfig.output)
+    source = runs.config_file(run) if resume == "latest" else Path(resume) / runs.STATE_NAME
     if not source.is_file():
         return {}
     try:
-        saved = json.loads(source.read_text(encoding="utf-8"))
-        saved = saved["config"] if source.name == "state.json" else saved
+        saved = runs.read_run_config(run) if resume == "latest" else runs.read_checkpoint_state(resume)["config"]
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"resume: {source} could not be read ({e})") from None
     names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite"}

@@ -12,7 +12,6 @@ Pure Python: the app calls it, the tests drive it directly.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import shutil
@@ -27,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from . import runs
 from .config import ConfigError, TrainConfig
 from .data import IMAGE_EXTENSIONS, DataError, ScanReport, scan_subject_folder
-from .formats import WEIGHT_NAME, AdapterFileError, resolve_adapter_file
+from .formats import AdapterFileError, resolve_adapter_file
 from .inject import AdapterError
 from .sampling import SampleSettings
 
@@ -92,6 +92,7 @@ class Run:
     rank: int | None
     steps: int | None
     base_model: str | None
+    """The base model recorded with it; ``None``: the embedded model (or nothing recorded)."""
     modified: float
 
     @property
@@ -161,26 +162,10 @@ def _safe_file_name(name: str) -> str:
     return stem or "file"
 
 
-def _read_log(path: Path) -> list[dict]:
-    """``train_log.jsonl`` lines; a half-written last line is skipped."""
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return rows
-
-
 def _adapter_metadata(file: Path) -> dict:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("dora_diffusion", "{}"))
-    except Exception:  # an unreadable file is listed with what we know; loading it later says why
+        return runs.adapter_metadata(file)
+    except AdapterFileError:  # an unreadable file is listed with what we know; loading it later says why
         return {}
 
 
@@ -253,13 +238,11 @@ class TrainingJob:
         logs = []
         for config in self.configs:
             out = Path(config.output)
-            rows = _read_log(out / "train_log.jsonl")
+            rows = runs.read_log(out)
             logs.append(rows)
             p.losses += [(config.method, int(r["step"]), float(r["loss"])) for r in rows if "loss" in r]
-            for image in sorted((out / "validation").glob("step*.png")):
-                found = re.match(r"step(\d+)_seed(\d+)", image.name)
-                where = f"step {int(found.group(1))} · seed {found.group(2)}" if found else image.stem
-                p.validation.append((image, f"{config.method} · {where}"))
+            for image in runs.validation_images(out):
+                p.validation.append((image.path, f"{config.method} · step {image.step} · seed {image.seed}"))
         # the run going on (or the one that failed), else the last one that ran
         done = len(self.results)
         index = max(0, min(done if self.running or self.error else done - 1, len(self.configs) - 1))
@@ -340,8 +323,7 @@ class Engine:
     def native_size(self) -> int:
         """The model's native image size (1024 for SDXL, 128 for the tiny model), read from its config files."""
         if self._native is None:
-            from .models import resolve_model
-            from .train import model_folder, native_resolution
+            from .models import model_folder, native_resolution, resolve_model
 
             self._native = native_resolution(model_folder(resolve_model(self.model)))
         return self._native
@@ -403,16 +385,16 @@ class Engine:
 
     def list_runs(self) -> list[Run]:
         """Every adapter folder in the workspace (recursively), by name."""
-        runs = []
-        for file in sorted(self.workspace.rglob(WEIGHT_NAME)):
+        found = []
+        for file in sorted(self.workspace.rglob(runs.ADAPTER_NAME)):
             rel = file.parent.relative_to(self.workspace)
-            if any(part.startswith(".") or part == "checkpoints" for part in rel.parts):
+            if any(part.startswith(".") or part == runs.CHECKPOINT_DIR for part in rel.parts):
                 continue
             meta = _adapter_metadata(file)
             unet = meta.get("components", {}).get("unet") or next(iter(meta.get("components", {}).values()), {})
-            runs.append(Run(rel.as_posix() or ".", file.parent, unet.get("method", "?"), unet.get("rank"),
-                            meta.get("trained_steps"), meta.get("base_model"), file.stat().st_mtime))
-        return runs
+            found.append(Run(rel.as_posix() or ".", file.parent, unet.get("method", "?"), unet.get("rank"),
+                             meta.get("trained_steps"), runs.model_from_record(meta.get("base_model")), file.stat().st_mtime))
+        return found
 
     def default_runs(self) -> tuple[str | None, str | None]:
         """The (LoRA, DoRA) runs to preselect: the demo's when present, else the newest of each method."""

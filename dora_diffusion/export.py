@@ -17,28 +17,17 @@ from pathlib import Path
 
 import torch
 
+from . import runs
 from .formats.base import METADATA_KEY, AdapterFileError, components_of
 from .formats.comfyui import save_comfyui
 from .formats.diffusers import INPUT_AXIS_REFUSAL, save_adapter
 from .formats.kohya import save_kohya
-from .formats.load import load_adapter, read_adapter_file
+from .formats.load import load_adapter, resolve_adapter_file
 from .inject import as_dora, merge_adapters
 from .layers import adapter_modules
 
 FORMATS = ("diffusers", "kohya", "comfyui", "merged-folder", "merged-single")
-EMBEDDED_MODEL = "embedded-tiny-sdxl"  # what a run on the default model records as its base model
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def base_model_of(adapter: str | os.PathLike) -> str | None:
-    """The base model a run or adapter file was trained on (``None``: the embedded tiny model)."""
-    p = Path(adapter)
-    cfg = (p if p.is_dir() else p.parent) / "training_config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("model")
-    _, meta, _ = read_adapter_file(adapter)
-    model = json.loads(meta.get(METADATA_KEY, "{}")).get("base_model")
-    return None if model in (None, "", EMBEDDED_MODEL) else model
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,12 +106,12 @@ def export_adapter(adapter: str | os.PathLike, format: str, out: str | os.PathLi
         out = out / f"adapter_{format}.safetensors"
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite and format != "diffusers":
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    model = model if model is not None else base_model_of(adapter)
+    model = model if model is not None else runs.base_model(adapter)
     pipe = load_pipeline(model)
     report = load_adapter(pipe, adapter)
     if format == "diffusers" and any(a.method == "dora_in" for m in components_of(pipe).values() for _, a in adapter_modules(m)):
         raise AdapterFileError(INPUT_AXIS_REFUSAL.format(where=str(adapter)))
-    metadata = {"base_model": model or EMBEDDED_MODEL, "source": str(Path(adapter)), "probe": probe_outputs(pipe)}
+    metadata = {"base_model": runs.model_record(model), "source": str(Path(adapter)), "probe": probe_outputs(pipe)}
     if format == "diffusers":
         for module in components_of(pipe).values():
             as_dora(module)  # DVoRA as the equal DoRA: a layout diffusers and PEFT read
@@ -169,7 +158,7 @@ class VerifyReport:
         return bool(self.errors) and all(e <= self.tolerance for e in self.errors.values())
 
     def __str__(self) -> str:
-        lines = [f"{self.file} on {self.model or EMBEDDED_MODEL} with the {self.loader} loader:"]
+        lines = [f"{self.file} on {runs.model_record(self.model)} with the {self.loader} loader:"]
         for comp, e in self.errors.items():
             lines.append(f"  {comp:15s} max relative error {e:.2e}  {'ok' if e <= self.tolerance else 'MISMATCH'}")
         lines.append("reproduces its recorded outputs" if self.ok else "does NOT reproduce its recorded outputs")
@@ -183,12 +172,12 @@ def verify_adapter(adapter: str | os.PathLike, model: str | None = None, *, load
     """
     from .models import load_pipeline
 
-    _, meta, file = read_adapter_file(adapter)
-    recorded = json.loads(meta.get(METADATA_KEY, "{}")).get("probe")
+    file = resolve_adapter_file(adapter)
+    recorded = runs.adapter_metadata(file).get("probe")
     if not recorded:
         raise AdapterFileError(f"{file}: has no recorded probe; export it with `dora-diffusion export` to add one")
     if model is None:
-        model = base_model_of(file)
+        model = runs.base_model(file)
     pipe = load_pipeline(model)
     if loader == "ours":
         load_adapter(pipe, file)

@@ -50,6 +50,8 @@ __all__ = [
     "embedded_model",
     "ensure_tiny_model",
     "load_pipeline",
+    "model_folder",
+    "native_resolution",
     "resolve_model",
     "sdxl_scheduler_config",
     "tiny_sdxl_components",
@@ -408,6 +410,23 @@ def resolve_model(model: str | os.PathLike[str] | None) -> str | Path:
             "it is not a diffusers pipeline, or its download is incomplete."
         )
     return name
+
+
+def model_folder(resolved: str | os.PathLike[str]) -> Path:
+    """The local folder of a resolved model (``resolve_model``'s answer: a hub id's snapshot in the local cache)."""
+    if Path(resolved).is_dir():
+        return Path(resolved)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(resolved), local_files_only=True))
+
+
+def native_resolution(model_dir: str | os.PathLike[str]) -> int:
+    """The model's native image size from its config files (1024 for SDXL, 64 for the embedded model),
+    without loading weights."""
+    unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def load_pipeline(

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import time
@@ -28,14 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runs
 from .config import ConfigError, TrainConfig
 from .data import SubjectDataset, collate_examples, scan_subject_folder
 from .inject import add_adapters, adapter_parameters, adapter_state_dict, adapter_summary, load_adapter_state_dict
-
-CHECKPOINT_DIR = "checkpoints"
-LOG_NAME = "train_log.jsonl"
-CONFIG_NAME = "training_config.json"
-LOCK_NAME = ".train.lock"
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,26 +98,6 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
     return (per_example * weights).mean()
 
 
-def model_folder(resolved: str | Path) -> Path:
-    """The local folder of a resolved model (a hub id's snapshot in the local cache)."""
-    if Path(resolved).is_dir():
-        return Path(resolved)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(str(resolved), local_files_only=True))
-
-
-def native_resolution(model_dir: str | Path) -> int:
-    """The model's native image size from its config files (1024 for SDXL), without loading weights."""
-    unet = json.loads((Path(model_dir) / "unet" / "config.json").read_text())
-    vae = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_").lower()[:60] or "class"
-
-
 # --------------------------------------------------------------------------------------------
 # Output folder, checkpoints
 # --------------------------------------------------------------------------------------------
@@ -133,7 +108,7 @@ def prepare_output(config: TrainConfig) -> Path:
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {out} exists and is not a folder")
-    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not config.resume and not config.overwrite:
+    if out.exists() and any(p.name != runs.LOCK_NAME for p in out.iterdir()) and not config.resume and not config.overwrite:
         raise ConfigError(
             f"output: {out} already exists and is not empty; use --resume latest to continue it, "
             "another --output, or --overwrite to write into it anyway"
@@ -166,7 +141,7 @@ def output_lock(output: str | Path) -> Iterator[None]:
         raise ConfigError(f"output: {out} exists and is not a folder")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / LOCK_NAME
+    lock = out / runs.LOCK_NAME
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -196,36 +171,17 @@ def output_lock(output: str | Path) -> Iterator[None]:
                 out.rmdir()  # only if empty: a run refused before writing anything leaves no folder
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(json.loads((path / "state.json").read_text())["step"])
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop the log rows after ``step``: a resumed run repeats the steps its killed predecessor logged past
-    the checkpoint. Rewritten through a temporary file renamed into place; a half-written line goes too."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def find_checkpoint(output: Path, resume: str) -> Path:
+    """The checkpoint ``resume`` names: ``latest`` (the run's newest complete one) or a checkpoint folder."""
     if resume != "latest":
         path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise ConfigError(f"resume: {path} is not a checkpoint folder (no state.json)")
+        if not runs.is_checkpoint(path):
+            raise ConfigError(f"resume: {path} is not a checkpoint folder (no {runs.STATE_NAME})")
         return path
-    found = sorted((output / CHECKPOINT_DIR).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    found = [p for p in found if (p / "state.json").is_file()]
-    if not found:
-        raise ConfigError(f"resume: no checkpoint in {output / CHECKPOINT_DIR}")
-    return found[-1]
+    found = runs.latest_checkpoint(output)
+    if found is None:
+        raise ConfigError(f"resume: no checkpoint in {output / runs.CHECKPOINT_DIR}")
+    return found
 
 
 def _rng_state() -> dict[str, Any]:
@@ -246,28 +202,25 @@ def save_checkpoint(accelerator, output: Path, step: int, modules: dict, optimiz
     renamed into place: a kill mid-write leaves the previous checkpoint intact."""
     from safetensors.torch import save_file
 
-    root = output / CHECKPOINT_DIR
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".tmp-checkpoint-{step}"
+    final, tmp = runs.checkpoint_dir(output, step), runs.checkpoint_staging_dir(output, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    torch.save(_rng_state(), runs.rng_file(tmp, accelerator.process_index))
     if accelerator.is_main_process:
         tensors = {f"{c}.{k}": v.contiguous() for c, m in modules.items() for k, v in adapter_state_dict(accelerator.unwrap_model(m)).items()}
-        save_file(tensors, str(tmp / "adapter.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": config.to_dict()}, indent=2))
+        save_file(tensors, str(tmp / runs.CHECKPOINT_ADAPTER_NAME))
+        torch.save(optimizer.state_dict(), tmp / runs.OPTIMIZER_NAME)
+        torch.save(lr_scheduler.state_dict(), tmp / runs.SCHEDULER_NAME)
+        runs.write_checkpoint_state(tmp, step, config.to_dict())  # last: a folder with it is complete
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         if config.checkpoints_total_limit:
-            done = sorted(root.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in done[: -config.checkpoints_total_limit]:
+            for old in runs.checkpoints(output)[: -config.checkpoints_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -277,19 +230,20 @@ def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_schedu
     """Restore a checkpoint written by ``save_checkpoint``; returns its step."""
     from safetensors.torch import load_file
 
-    state = json.loads((path / "state.json").read_text())
+    state = runs.read_checkpoint_state(path)
     saved = state["config"]
     for key in ("method", "rank", "alpha", "targets", "train_text_encoder", "model"):
         if saved.get(key) != getattr(config, key):
             raise ConfigError(f"resume: {key} is {getattr(config, key)!r} but checkpoint {path} was trained with {saved.get(key)!r}")
-    tensors = load_file(str(path / "adapter.safetensors"))
+    adapter = path / runs.CHECKPOINT_ADAPTER_NAME
+    tensors = load_file(str(adapter))
     for comp, module in modules.items():
         sub = {k[len(comp) + 1:]: v for k, v in tensors.items() if k.startswith(comp + ".")}
-        load_adapter_state_dict(accelerator.unwrap_model(module), sub, source=f"{path}/adapter.safetensors ({comp})")
+        load_adapter_state_dict(accelerator.unwrap_model(module), sub, source=f"{adapter} ({comp})")
     # Our own files, loaded without unpickling code (weights_only).
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = path / f"rng-{accelerator.process_index}.pt"
+    optimizer.load_state_dict(torch.load(path / runs.OPTIMIZER_NAME, weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / runs.SCHEDULER_NAME, weights_only=True))
+    rng = runs.rng_file(path, accelerator.process_index)
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))  # numpy/python states are tuples, our file
     return int(state["step"])
@@ -339,7 +293,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     from .card import write_model_card
     from .formats import save_adapter
     from .formats.comfyui import save_comfyui
-    from .models import load_pipeline, resolve_model
+    from .models import load_pipeline, model_folder, native_resolution, resolve_model
 
     # ---- set-up: refuse bad options and folders before anything heavy
     if not config.data or not config.prompt:
@@ -348,7 +302,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     output = prepare_output(config)
     resume_from = find_checkpoint(output, config.resume) if config.resume else None
-    if resume_from is not None and (at := checkpoint_step(resume_from)) > config.max_steps:
+    if resume_from is not None and (at := runs.checkpoint_step(resume_from)) > config.max_steps:
         raise ConfigError(f"max_steps: {config.max_steps} is below the step of checkpoint {resume_from} (step {at}); "
                           f"max_steps is the total to train to, so resume with --max-steps {at} or more")
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -365,7 +319,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
         gradient_accumulation_steps=config.gradient_accumulation,
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / runs.LOGS_DIR)),
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if launched_world != world:
@@ -387,7 +341,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     # ---- prior preservation: class images generated by the base model when too few are on disk
     class_dataset = None
     if config.class_prompt:
-        class_dir = Path(config.class_data) if config.class_data else output.parent / "class_images" / slug(config.class_prompt)
+        class_dir = Path(config.class_data) if config.class_data else runs.class_images_dir(output, config.class_prompt)
         if accelerator.is_main_process:
             generate_class_images(pipe.to(device), class_dir, config.class_prompt, config.num_class_images, resolution, config)
         accelerator.wait_for_everyone()
@@ -480,13 +434,13 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     if resume_from is not None:
         start_step = load_checkpoint(accelerator, resume_from, modules, optimizer, lr_scheduler, config)
         if accelerator.is_main_process:
-            truncate_log(output / LOG_NAME, start_step)  # one row per step, steps increasing
+            runs.truncate_log(output, start_step)  # one row per step, steps increasing
             print(f"resumed from {resume_from} at step {start_step}")
     if accelerator.is_main_process:
         if config.report_to != "none":
             accelerator.init_trackers("dora-diffusion", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()})
-        (output / CONFIG_NAME).write_text(json.dumps({**config.to_dict(), "resolution": resolution, "trainable_parameters": n_trainable,
-                                                      "num_processes": world}, indent=2))
+        runs.write_run_config(output, {**config.to_dict(), "resolution": resolution, "trainable_parameters": n_trainable,
+                                       "num_processes": world})
         print(f"training {config.method} (rank {config.rank}, targets {config.targets!r}) on {len(dataset)} images: "
               f"{n_trainable:,} trainable parameters, {config.max_steps} steps")
         for comp, m in modules.items():
@@ -494,7 +448,6 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
                 print(f"  {comp}: {method} on {counts['layers']} layers, {counts['trainable_parameters']:,} parameters")
 
     # ---- the loop: one iteration = one optimizer step
-    log_file = output / LOG_NAME
     step_times: list[float] = []
     validation_images: list[Path] = []
     loss_value = float("nan")
@@ -555,8 +508,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         if accelerator.is_main_process and (done % config.log_every == 0 or done == config.max_steps):
-            with log_file.open("a") as f:
-                f.write(json.dumps({"step": done, "loss": loss_value, "lr": lr, "step_seconds": elapsed}) + "\n")
+            runs.append_log(output, {"step": done, "loss": loss_value, "lr": lr, "step_seconds": elapsed})
             accelerator.log({"loss": loss_value, "lr": lr, "step_seconds": elapsed}, step=done)
         # validation and checkpoints
         if config.validation_steps and done % config.validation_steps == 0 and done != config.max_steps:
@@ -569,7 +521,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
             bar.close()
             accelerator.end_training()
             median = statistics.median(step_times[1:] or step_times)
-            return TrainResult(output, output / CHECKPOINT_DIR / f"checkpoint-{done}", done, loss_value, median, n_trainable,
+            return TrainResult(output, runs.checkpoint_dir(output, done), done, loss_value, median, n_trainable,
                                validation_images, stopped=True)
     bar.close()
 
@@ -577,19 +529,18 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     if world > 1:
         sums = accelerator.gather(torch.tensor([adapter_checksum({c: accelerator.unwrap_model(m) for c, m in modules.items()})], dtype=torch.float64, device=device))
         if accelerator.is_main_process:
-            (output / "ranks.json").write_text(json.dumps({"num_processes": world, "adapter_checksums": sums.tolist(),
+            (output / runs.RANKS_NAME).write_text(json.dumps({"num_processes": world, "adapter_checksums": sums.tolist(),
                                                            "in_sync": bool(torch.all(sums == sums[0]))}, indent=2))
 
     # ---- the end: final validation, the adapter, config and model card
     validation_images += run_validation(accelerator, pipe, modules, text_encoders, config, output, config.max_steps)
-    adapter_file = output / "pytorch_lora_weights.safetensors"
+    adapter_file = runs.adapter_file(output)
     if accelerator.is_main_process:
         unwrapped = {c: accelerator.unwrap_model(m) for c, m in modules.items()}
-        run_metadata = {"base_model": config.model or "embedded-tiny-sdxl", "instance_prompt": config.prompt,
-                        "trained_steps": config.max_steps, "resolution": resolution, "seed": config.seed}
-        adapter_file = save_adapter(unwrapped, output, overwrite=True, metadata=run_metadata)
+        run_metadata = runs.run_metadata(config, resolution)
+        adapter_file = save_adapter(unwrapped, adapter_file, overwrite=True, metadata=run_metadata)
         # the file for ComfyUI and Forge: its dora_scale depends on the base weights (formats/comfyui.py)
-        save_comfyui(unwrapped, output / "comfyui" / f"{output.name}.safetensors", overwrite=True, metadata=run_metadata)
+        save_comfyui(unwrapped, runs.comfyui_file(output), overwrite=True, metadata=run_metadata)
         write_model_card(output, config, resolution=resolution, trainable_parameters=n_trainable, images=validation_images)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -636,12 +587,11 @@ def run_validation(accelerator, pipe, modules, text_encoders, config: TrainConfi
                               steps=config.validation_inference_steps, guidance=config.validation_guidance)
     with accelerator.autocast():
         images = generate(val_pipe, settings, num_images=config.num_validation_images)
-    folder = output / "validation"
-    folder.mkdir(exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        path = folder / f"step{step:06d}_seed{config.seed + i}.png"
-        tmp = folder / f".{path.name}.tmp"
+        path = runs.validation_image_path(output, step, config.seed + i)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
         image.save(tmp, format="PNG")
         os.replace(tmp, path)  # readers (the app) never see a half-written image
         paths.append(path)
