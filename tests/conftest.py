@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from dora_diffusion.layers import adapter_modules
+from helpers import free_port, load_app_module, write_adapter
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -32,32 +32,27 @@ def tiny_pipe(tiny_components):
     return StableDiffusionXLPipeline(**copy.deepcopy(tiny_components))
 
 
-def randomize_adapters(module: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
-    """Give every adapter parameter a random non-trivial value (B = 0 at init would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, a in adapter_modules(module):
-            for n, p in a.named_parameters():
-                if not n.startswith("base."):
-                    noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-                    p.add_(noise * std * (p.abs().mean() if n == "magnitude" else 1.0))
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A random-weight tiny SDXL saved as a diffusers folder (built once): its path."""
+    from dora_diffusion.models import build_tiny_sdxl
+
+    return str(build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl"))
 
 
-def unet_inputs(unet, seed: int = 0, size: int = 16, batch: int = 1, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    proj = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    return dict(
-        sample=torch.randn(batch, cfg.in_channels, size, size, generator=g, dtype=torch.float64).to(dtype),
-        timestep=torch.tensor([10] * batch),
-        encoder_hidden_states=torch.randn(batch, 12, cfg.cross_attention_dim, generator=g, dtype=torch.float64).to(dtype),
-        added_cond_kwargs={
-            "text_embeds": torch.randn(batch, proj, generator=g, dtype=torch.float64).to(dtype),
-            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch, dtype=dtype),
-        },
-    )
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_components, tiny_model):
+    """The app on a free localhost port (in a thread), with a LoRA and a DoRA run in its workspace."""
+    from dora_diffusion.engine import Engine
 
-
-def text_ids(seed: int = 0, batch: int = 2, length: int = 12, vocab: int = 300):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g)
+    ws = tmp_path_factory.mktemp("workspace")
+    write_adapter(tiny_components, ws / "demo" / "lora", "lora", seed=1)
+    write_adapter(tiny_components, ws / "demo" / "dora", "dora", seed=2)
+    engine = Engine(model=tiny_model, workspace=ws)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("GRADIO_TEMP_DIR", raising=False)  # the app sets it; later tests get it back as it was
+        app = load_app_module().serve(engine, port=free_port(), prevent_thread_lock=True, quiet=True)
+        try:
+            yield app, engine
+        finally:
+            app.close()

@@ -25,8 +25,8 @@ from dora_diffusion.analysis import (
     pearson,
 )
 from dora_diffusion.layers import merged_weight
+from helpers import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sks_toy"
 OUT, IN = 12, 40  # out != in: measuring over the wrong axis breaks every known answer below
 # What the result may differ by from the fp64 oracle on the same (rounded) values: fp32 accumulation.
 DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.float16, 1e-5), (torch.bfloat16, 1e-5)]

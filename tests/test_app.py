@@ -1,56 +1,12 @@
 """The Gradio app over HTTP: launched on localhost, driven with gradio_client like any API user."""
 
-import importlib.util
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from test_engine import write_adapter
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_app_module():
-    """``app/main.py`` as the CLI loads it (the app folder is not an installed package)."""
-    spec = importlib.util.spec_from_file_location("dora_diffusion_app", REPO / "app" / "main.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from dora_diffusion.models import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_components, tiny_model):
-    """The app on a free localhost port (in a thread), with a LoRA and a DoRA run in its workspace."""
-    from dora_diffusion.engine import Engine
-
-    model = tiny_model
-    ws = tmp_path_factory.mktemp("workspace")
-    write_adapter(tiny_components, ws / "demo" / "lora", "lora", seed=1)
-    write_adapter(tiny_components, ws / "demo" / "dora", "dora", seed=2)
-    engine = Engine(model=str(model), workspace=ws)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("GRADIO_TEMP_DIR", raising=False)  # the app sets it; later tests get it back as it was
-        app = load_app_module().serve(engine, port=free_port(), prevent_thread_lock=True, quiet=True)
-        try:
-            yield app, engine
-        finally:
-            app.close()
+from helpers import SAMPLE, load_app_module
 
 
 def test_build_app_loads_nothing(tmp_path, tiny_model, monkeypatch):
@@ -131,11 +87,10 @@ def test_uploads_leave_nothing_in_gradio_temp(tmp_path, tiny_model):
     module = load_app_module()
     engine = Engine(model=str(tiny_model), workspace=tmp_path / "ws")
     tmp = engine.workspace / ".gradio-tmp"
-    sample = REPO / "datasets" / "sks_toy"
     uploaded = []
     for i, name in enumerate(["robot_01_wood_table.jpg", "robot_04_grass.jpg", "robot_04_grass.txt"]):
         (tmp / f"u{i}").mkdir(parents=True)
-        uploaded.append(shutil.copy(sample / name, tmp / f"u{i}" / name))
+        uploaded.append(shutil.copy(SAMPLE / name, tmp / f"u{i}" / name))
     (tmp / "u3").mkdir()
     (tmp / "u3" / "notes.exe").write_bytes(b"MZ")  # refused: not an image or caption
     uploaded.append(tmp / "u3" / "notes.exe")
@@ -150,7 +105,7 @@ def test_uploads_leave_nothing_in_gradio_temp(tmp_path, tiny_model):
         module.receive_uploads(engine, [tmp / "u5" / "broken.png"], 64)
     assert list(tmp.iterdir()) == []
     elsewhere = tmp_path / "mine.jpg"  # never Gradio's: kept
-    shutil.copy(sample / "robot_01_wood_table.jpg", elsewhere)
+    shutil.copy(SAMPLE / "robot_01_wood_table.jpg", elsewhere)
     module.receive_uploads(engine, [elsewhere], 64)
     assert elsewhere.is_file()
 

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from test_app import served, tiny_model  # noqa: F401  (fixtures: the app on a free localhost port)
-
 pytestmark = pytest.mark.slow
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")

@@ -8,8 +8,8 @@ import pytest
 
 from dora_diffusion.cli import main
 from dora_diffusion.compare import PeakMemory, summary_table
+from helpers import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sks_toy"
 
 
 def test_peak_memory_sees_an_allocation():

@@ -24,9 +24,9 @@ from dora_diffusion.data import (
     scan_subject_folder,
     to_rgb,
 )
+from helpers import SAMPLE
 
 RES = 64  # small training resolution: every test stays fast
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "datasets" / "sks_toy"
 
 
 def solid(size=(80, 64), colour=(200, 30, 60), mode="RGB") -> Image.Image:
@@ -397,7 +397,7 @@ def test_dataset_argument_checks(tmp_path):
 def test_sample_dataset_scans_clean_at_512():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no image of the sample may be skipped
-        report = scan_subject_folder(SAMPLE_DIR, 512)
+        report = scan_subject_folder(SAMPLE, 512)
     assert 6 <= len(report.used) <= 8
     assert not report.skipped and not report.ignored
     assert all(min(r.width, r.height) >= 512 for r in report.used)

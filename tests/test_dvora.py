@@ -5,7 +5,7 @@ import copy
 import torch
 from torch import nn
 
-from conftest import unet_inputs
+from helpers import unet_inputs
 from dora_diffusion import AdapterConfig, add_adapters, load_adapter, merge_adapters, save_adapter
 from dora_diffusion.inject import adapter_parameters, as_dora
 from dora_diffusion.layers import DoRALinear, DVoRALinear, adapter_modules, vera_matrices

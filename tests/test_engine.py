@@ -9,32 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import randomize_adapters
-from dora_diffusion import AdapterConfig, add_adapters, save_adapter
 from dora_diffusion.data import DataError
 from dora_diffusion.engine import Engine, EngineBusy, EngineError, TrainRequest
 from dora_diffusion.sampling import SampleSettings
+from helpers import SAMPLE, write_adapter
 
-SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sks_toy"
 SMALL = SampleSettings("a photo of sks toy", seed=3, steps=2, guidance=5.0, width=64, height=72)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from dora_diffusion.models import build_tiny_sdxl
-
-    return str(build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl"))
-
-
-def write_adapter(tiny_components, folder: Path, method: str, seed: int) -> Path:
-    """A LoRA or DoRA adapter with random non-zero weights, saved as a run folder."""
-    import copy
-
-    unet = copy.deepcopy(tiny_components["unet"])
-    add_adapters(unet, AdapterConfig(method=method, rank=4, targets="attn"))
-    randomize_adapters(unet, seed=seed, std=0.3)
-    save_adapter({"unet": unet}, folder, metadata={"trained_steps": 10})
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,13 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import randomize_adapters, text_ids, unet_inputs
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapters, load_adapter, save_adapter
 from dora_diffusion.export import export_adapter, verify_adapter
 from dora_diffusion.formats.kohya import save_kohya
 from dora_diffusion.layers import AdapterLinear, DoRAInputAxisLinear, adapter_modules, column_norm
-from dora_diffusion.models import build_tiny_sdxl
+from helpers import randomize_adapters, text_ids, unet_inputs
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return str(build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl"))
 
 
 def base(tiny_model):

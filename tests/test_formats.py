@@ -9,7 +9,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import randomize_adapters, text_ids, unet_inputs
+from helpers import randomize_adapters, text_ids, unet_inputs
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapters, load_adapter, save_adapter, set_adapter_scale
 from dora_diffusion.formats import WEIGHT_NAME, unload_adapter
 from dora_diffusion.layers import AdapterLinear, adapter_modules

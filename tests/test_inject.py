@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from conftest import randomize_adapters, text_ids, unet_inputs
+from helpers import randomize_adapters, text_ids, unet_inputs
 from dora_diffusion import (
     AdapterConfig,
     AdapterError,

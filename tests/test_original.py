@@ -17,7 +17,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from conftest import text_ids, unet_inputs
+from helpers import text_ids, unet_inputs
 from dora_diffusion import AdapterConfig, add_adapters
 from dora_diffusion.formats import original
 from dora_diffusion.formats.original import (

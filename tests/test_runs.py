@@ -14,10 +14,9 @@ import pytest
 
 from dora_diffusion import AdapterConfig, add_adapters, runs, save_adapter
 from dora_diffusion.formats import AdapterFileError
+from helpers import REPO, SAMPLE
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dora_diffusion"
-SAMPLE = REPO / "datasets" / "sks_toy"
 
 
 def write_adapter(tiny_components, path: Path, metadata: dict | None = None) -> Path:

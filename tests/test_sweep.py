@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 
 from dora_diffusion import sweep
 from dora_diffusion.config import ConfigError
 from dora_diffusion.sweep import SweepConfig, markdown_table, run_sweep, summarise, verdicts
-
-SAMPLE = Path(__file__).resolve().parents[1] / "datasets" / "sks_toy"
+from helpers import SAMPLE
 
 
 def _cell(method, rank, seed, fid, drift, step_ms=100.0):

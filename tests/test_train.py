@@ -14,21 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import unet_inputs
 from dora_diffusion import AdapterConfig, add_adapters, adapter_parameters, load_adapter
 from dora_diffusion.cli import main
 from dora_diffusion.config import ConfigError, TrainConfig
 from dora_diffusion.train import batch_indices, diffusion_loss, encode_prompts, train
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "datasets" / "sks_toy"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    from dora_diffusion.models import build_tiny_sdxl
-
-    return str(build_tiny_sdxl(tmp_path_factory.mktemp("model") / "tiny-sdxl"))
+from helpers import SAMPLE, free_port, unet_inputs
 
 
 @pytest.fixture(scope="session")
@@ -154,14 +144,6 @@ def test_cli_end_to_end_and_both_loaders(tiny_model, small_data, tmp_path):
     assert "| ComfyUI, Forge | `comfyui/cli-run.safetensors`" in card and "--format kohya" in card and "merged-single" in card
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc)."""
     found, todo = [], [pid]
@@ -188,7 +170,7 @@ def test_two_process_cpu_run(tiny_model, small_data, tmp_path):
 
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
-           "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "dora_diffusion.cli", "train",
            "--data", small_data, "--prompt", "a photo of sks toy", "--model", tiny_model, "--output", str(out),
            "--resolution", "64", "--max-steps", "3", "--validation-steps", "0", "--num-validation-images", "1",
