@@ -57,13 +57,13 @@ FORMATS = [
 USAGE = {
     "diffusers": "```python\npipe = StableDiffusionXLPipeline.from_pretrained(base)\npipe.load_lora_weights('{file}')\n```",
     "comfyui": "Copy `{file}` into `ComfyUI/models/loras/` or Forge's `models/Lora/`. Its DoRA magnitudes are "
-               "written for their formula (they divide by the base weight's norm): for LyCORIS, sd-scripts, or a "
-               "ComfyUI that has merged its fix (Comfy-Org/ComfyUI#15458), export `kohya` instead.",
+    "written for their formula (they divide by the base weight's norm): for LyCORIS, sd-scripts, or a "
+    "ComfyUI that has merged its fix (Comfy-Org/ComfyUI#15458), export `kohya` instead.",
     "kohya": "For LyCORIS and sd-scripts (`--network_module lycoris.kohya`, the file's `ss_network_args`). "
-             "ComfyUI and Forge read a DoRA file of this kind approximately: export `comfyui` for them.",
+    "ComfyUI and Forge read a DoRA file of this kind approximately: export `comfyui` for them.",
     "merged-folder": "Unzip it, then\n```python\npipe = StableDiffusionXLPipeline.from_pretrained('<unzipped folder>')\n```",
     "merged-single": "```python\npipe = StableDiffusionXLPipeline.from_single_file('{file}')\n```\nor copy it into "
-                     "`ComfyUI/models/checkpoints/` or A1111's `models/Stable-diffusion/` (the exact file for A1111).",
+    "`ComfyUI/models/checkpoints/` or A1111's `models/Stable-diffusion/` (the exact file for A1111).",
 }
 
 
@@ -106,7 +106,9 @@ def _progress_html(p: TrainProgress) -> str:
     if p.its:
         facts.append(f"{p.its:.2f} it/s")
     if p.state == "running" and p.eta_seconds is not None:
-        facts.append(f"about {p.eta_seconds / 60:.0f} min left" if p.eta_seconds >= 90 else f"about {p.eta_seconds:.0f} s left")
+        facts.append(
+            f"about {p.eta_seconds / 60:.0f} min left" if p.eta_seconds >= 90 else f"about {p.eta_seconds:.0f} s left"
+        )
     percent = 100 * p.step / max(p.max_steps, 1)
     bar = f"<div class='dd-bar'><div style='width:{percent:.1f}%'></div></div>" if p.state == "running" else ""
     note = f"<div class='dd-note'>{' · '.join(facts)}</div>" if facts else ""
@@ -125,8 +127,10 @@ def _open_image(path: Path) -> Image.Image | None:
 
 # Same seed, same data order: LoRA's and DoRA's losses may coincide. A wide translucent solid line under a
 # thin dashed one with dots shows both (the native line plot tells series apart by colour only).
-LOSS_STYLE = {"LoRA": dict(color="#6366f1", linestyle="-", linewidth=3.5, alpha=0.6, zorder=2),
-              "DoRA": dict(color="#f97316", linestyle="--", linewidth=1.5, marker="o", markersize=3, zorder=3)}
+LOSS_STYLE = {
+    "LoRA": dict(color="#6366f1", linestyle="-", linewidth=3.5, alpha=0.6, zorder=2),
+    "DoRA": dict(color="#f97316", linestyle="--", linewidth=1.5, marker="o", markersize=3, zorder=3),
+}
 
 
 def loss_figure(p: TrainProgress):
@@ -181,39 +185,75 @@ def build_app(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title="dora-diffusion", delete_cache=(86400, 86400)) as app:
         gr.Markdown(
             f"# dora-diffusion\nDoRA and LoRA side by side on SDXL · model: **{html.escape(engine.model_label)}** · "
-            f"workspace: `{_shown_path(engine.workspace)}` · device: {engine.device}", elem_id="header")
+            f"workspace: `{_shown_path(engine.workspace)}` · device: {engine.device}",
+            elem_id="header",
+        )
         with gr.Tabs():
             # ---------------------------------------------------------------------------- Compare
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=320):
-                        prompt = gr.Textbox("a photo of sks toy", label="Prompt", lines=2, max_length=L.max_prompt_chars)
+                        prompt = gr.Textbox(
+                            "a photo of sks toy", label="Prompt", lines=2, max_length=L.max_prompt_chars
+                        )
                         negative = gr.Textbox("", label="Negative prompt", max_length=L.max_prompt_chars)
                         with gr.Row(equal_height=True):
-                            seed = gr.Number(0, label="Seed", info="the same noise for all three", precision=0,
-                                             minimum=0, maximum=2**32 - 1, scale=3)
+                            seed = gr.Number(
+                                0,
+                                label="Seed",
+                                info="the same noise for all three",
+                                precision=0,
+                                minimum=0,
+                                maximum=2**32 - 1,
+                                scale=3,
+                            )
                             dice = gr.Button("Random seed", size="sm", scale=1, min_width=100)
                         steps = gr.Slider(1, L.max_sample_steps, 25, step=1, label="Steps")
                         guidance = gr.Slider(0, L.max_guidance, 5.0, step=0.5, label="Guidance")
-                        width = gr.Slider(L.min_size, L.max_size, size, step=L.size_multiple, label="Width", elem_id="width")
-                        height = gr.Slider(L.min_size, L.max_size, size, step=L.size_multiple, label="Height", elem_id="height")
+                        width = gr.Slider(
+                            L.min_size, L.max_size, size, step=L.size_multiple, label="Width", elem_id="width"
+                        )
+                        height = gr.Slider(
+                            L.min_size, L.max_size, size, step=L.size_multiple, label="Height", elem_id="height"
+                        )
                         generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column(scale=5):
                         with gr.Row(equal_height=True):
-                            images = [gr.Image(label=label, type="pil", format="png", interactive=False, height=360,
-                                               elem_id=f"compare-{key}", buttons=["download", "fullscreen"])
-                                      for key, label in (("base", "Base"), ("lora", "LoRA"), ("dora", "DoRA"))]
+                            images = [
+                                gr.Image(
+                                    label=label,
+                                    type="pil",
+                                    format="png",
+                                    interactive=False,
+                                    height=360,
+                                    elem_id=f"compare-{key}",
+                                    buttons=["download", "fullscreen"],
+                                )
+                                for key, label in (("base", "Base"), ("lora", "LoRA"), ("dora", "DoRA"))
+                            ]
                         with gr.Row():
                             with gr.Column(min_width=160):
-                                gr.Markdown("**Base model**, no adapter.\n\nAdapters are swapped into this one "
-                                            "pipeline; it is loaded once.")
+                                gr.Markdown(
+                                    "**Base model**, no adapter.\n\nAdapters are swapped into this one "
+                                    "pipeline; it is loaded once."
+                                )
                             with gr.Column(min_width=160):
-                                lora = gr.Dropdown(choices, value=lora_default or "", label="LoRA adapter",
-                                                   info="a run, or a path in the workspace", allow_custom_value=True)
+                                lora = gr.Dropdown(
+                                    choices,
+                                    value=lora_default or "",
+                                    label="LoRA adapter",
+                                    info="a run, or a path in the workspace",
+                                    allow_custom_value=True,
+                                )
                                 lora_scale = gr.Slider(0, L.max_adapter_scale, 1.0, step=0.05, label="LoRA scale")
                             with gr.Column(min_width=160):
-                                dora = gr.Dropdown(choices, value=dora_default or "", label="DoRA adapter",
-                                                   info="a run, or a path in the workspace", allow_custom_value=True)
+                                dora = gr.Dropdown(
+                                    choices,
+                                    value=dora_default or "",
+                                    label="DoRA adapter",
+                                    info="a run, or a path in the workspace",
+                                    allow_custom_value=True,
+                                )
                                 dora_scale = gr.Slider(0, L.max_adapter_scale, 1.0, step=0.05, label="DoRA scale")
                         with gr.Row():
                             status = gr.Markdown("", elem_id="status")
@@ -224,29 +264,50 @@ def build_app(engine: Engine) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=2, min_width=340):
                         gr.Markdown("**1 · Subject images**: upload 5-20 photos, or name a folder in the workspace.")
-                        uploads = gr.File(label="Upload images (and optional .txt captions)", file_count="multiple",
-                                          file_types=["image", ".txt"], height=120)
+                        uploads = gr.File(
+                            label="Upload images (and optional .txt captions)",
+                            file_count="multiple",
+                            file_types=["image", ".txt"],
+                            height=120,
+                        )
                         with gr.Row(equal_height=True):
                             data = gr.Textbox(label="Images folder (in the workspace)", scale=3)
                             check = gr.Button("Check folder", size="sm", scale=1, min_width=100)
                         sample = gr.Button("Use the sample subject (sks toy)", size="sm")
-                        scan = gr.Textbox(label="What training will use", lines=5, max_lines=12, interactive=False, elem_id="scan")
+                        scan = gr.Textbox(
+                            label="What training will use", lines=5, max_lines=12, interactive=False, elem_id="scan"
+                        )
                         gr.Markdown("**2 · Run**")
-                        instance = gr.Textbox("a photo of sks toy", label="Instance prompt", info="a rare token + the class")
+                        instance = gr.Textbox(
+                            "a photo of sks toy", label="Instance prompt", info="a rare token + the class"
+                        )
                         run_name = gr.Textbox("", label="Run name", placeholder="default: from the prompt and the time")
-                        method = gr.Radio([("LoRA", "lora"), ("DoRA", "dora"), ("Both (same seed)", "both")],
-                                          value="both", label="Method")
+                        method = gr.Radio(
+                            [("LoRA", "lora"), ("DoRA", "dora"), ("Both (same seed)", "both")],
+                            value="both",
+                            label="Method",
+                        )
                         rank = gr.Slider(1, L.max_rank, 8, step=1, label="Rank")
                         with gr.Row():
-                            train_steps = gr.Number(500, label="Steps", precision=0, minimum=1, maximum=L.max_train_steps,
-                                                    elem_id="train-steps")
+                            train_steps = gr.Number(
+                                500,
+                                label="Steps",
+                                precision=0,
+                                minimum=1,
+                                maximum=L.max_train_steps,
+                                elem_id="train-steps",
+                            )
                             lr = gr.Number(1e-4, label="Learning rate", minimum=0, maximum=L.max_learning_rate)
                         with gr.Accordion("More options", open=False):
                             with gr.Row():
                                 train_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
-                                resolution = gr.Slider(L.min_size, L.max_size, size, step=L.size_multiple, label="Resolution")
+                                resolution = gr.Slider(
+                                    L.min_size, L.max_size, size, step=L.size_multiple, label="Resolution"
+                                )
                             with gr.Row():
-                                val_every = gr.Number(0, label="Validation every N steps (0: 4 times)", precision=0, minimum=0)
+                                val_every = gr.Number(
+                                    0, label="Validation every N steps (0: 4 times)", precision=0, minimum=0
+                                )
                                 batch = gr.Slider(1, L.max_batch_size, 1, step=1, label="Batch size")
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="start")
@@ -254,8 +315,13 @@ def build_app(engine: Engine) -> gr.Blocks:
                     with gr.Column(scale=3):
                         progress = gr.HTML(_progress_html(engine.training_progress()), elem_id="progress")
                         loss_plot = gr.Plot(label="Training loss", format="png")
-                        gallery = gr.Gallery(label="Validation images (fixed seeds, newest first)", columns=4, height=340,
-                                             object_fit="contain", interactive=False)
+                        gallery = gr.Gallery(
+                            label="Validation images (fixed seeds, newest first)",
+                            columns=4,
+                            height=340,
+                            object_fit="contain",
+                            interactive=False,
+                        )
                 timer = gr.Timer(1.0, active=False)
                 seen = gr.State(-1)
                 plotted = gr.State(-1)  # loss points in the plot shown: drawn again only when there are more
@@ -264,28 +330,42 @@ def build_app(engine: Engine) -> gr.Blocks:
             with gr.Tab("Export", id="export"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=320):
-                        run = gr.Dropdown(choices, value=dora_default or lora_default or "", label="Run",
-                                          allow_custom_value=True, info="a run, or a path in the workspace")
+                        run = gr.Dropdown(
+                            choices,
+                            value=dora_default or lora_default or "",
+                            label="Run",
+                            allow_custom_value=True,
+                            info="a run, or a path in the workspace",
+                        )
                         fmt = gr.Radio(FORMATS, value="diffusers", label="Format")
                         dtype = gr.Radio(list(EXPORT_DTYPES), value="float32", label="Precision")
                         export = gr.Button("Export", variant="primary", elem_id="export")
                     with gr.Column(scale=3):
                         download = gr.File(label="Download", interactive=False)
-                        usage = gr.Markdown("Pick a run and a format. Merged formats bake the adapter into the "
-                                            "base model: no adapter at inference, no extra cost.")
+                        usage = gr.Markdown(
+                            "Pick a run and a format. Merged formats bake the adapter into the "
+                            "base model: no adapter at inference, no extra cost."
+                        )
 
             # --------------------------------------------------------------------------- Analysis
             with gr.Tab("Analysis", id="analysis"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=320):
-                        analysis_runs = gr.Dropdown(choices, value=[v for v in (lora_default, dora_default) if v],
-                                                    multiselect=True, label="Runs", allow_custom_value=True,
-                                                    info="runs or checkpoints in the workspace")
+                        analysis_runs = gr.Dropdown(
+                            choices,
+                            value=[v for v in (lora_default, dora_default) if v],
+                            multiselect=True,
+                            label="Runs",
+                            allow_custom_value=True,
+                            info="runs or checkpoints in the workspace",
+                        )
                         analyze_btn = gr.Button("Analyze", variant="primary", elem_id="analyze")
-                        gr.Markdown("The DoRA paper's weight-decomposition analysis (§3.2): for every adapted "
-                                    "matrix and checkpoint, the change in magnitude ΔM against the change in "
-                                    "direction ΔD from the base weights. The paper finds a negative correlation "
-                                    "for full fine-tuning and DoRA, a positive one for LoRA.")
+                        gr.Markdown(
+                            "The DoRA paper's weight-decomposition analysis (§3.2): for every adapted "
+                            "matrix and checkpoint, the change in magnitude ΔM against the change in "
+                            "direction ΔD from the base weights. The paper finds a negative correlation "
+                            "for full fine-tuning and DoRA, a positive one for LoRA."
+                        )
                     with gr.Column(scale=3):
                         analysis_plot = gr.Image(label="ΔD vs ΔM", interactive=False, type="pil")
                         analysis_text = gr.Markdown()
@@ -305,25 +385,38 @@ def build_app(engine: Engine) -> gr.Blocks:
         def compare(prompt, negative, seed, steps, guidance, width, height, lora, lora_scale, dora, dora_scale):
             from dora_diffusion.sampling import SampleSettings
 
-            settings = SampleSettings(prompt, negative or None, int(seed or 0), int(steps), float(guidance), int(width), int(height))
-            results = {g.label: g for g in engine.compare(settings, lora or None, dora or None,
-                                                          lora_scale=float(lora_scale), dora_scale=float(dora_scale))}
+            settings = SampleSettings(
+                prompt, negative or None, int(seed or 0), int(steps), float(guidance), int(width), int(height)
+            )
+            results = {
+                g.label: g
+                for g in engine.compare(
+                    settings, lora or None, dora or None, lora_scale=float(lora_scale), dora_scale=float(dora_scale)
+                )
+            }
             out, titles = [], []
             for label, name in (("base", None), ("LoRA", lora), ("DoRA", dora)):
                 g = results.get(label)
                 title = "Base" if label == "base" else label if g else f"{label}: no adapter chosen"
                 out.append(g.image if g else None)
                 titles.append(f"{title} · {g.seconds:.2f} s" if g else title)
-            note = (f"Seed {settings.seed} · {settings.steps} steps · guidance {settings.guidance:g} · "
-                    f"{settings.width}×{settings.height} · same initial noise in every column")
+            note = (
+                f"Seed {settings.seed} · {settings.steps} steps · guidance {settings.guidance:g} · "
+                f"{settings.width}×{settings.height} · same initial noise in every column"
+            )
             if settings.width < 256:
                 note += " · shown enlarged"
             return *out, note, titles
 
         titles = gr.State([])  # image labels with their times; a State, so the API returns plain images
-        generate.click(compare, [prompt, negative, seed, steps, guidance, width, height, lora, lora_scale, dora, dora_scale],
-                       [*images, status, titles], api_name="compare", concurrency_id="device", concurrency_limit=1
-                       ).success(lambda t: [gr.Image(label=x) for x in t], titles, images, api_visibility="private", queue=False)
+        generate.click(
+            compare,
+            [prompt, negative, seed, steps, guidance, width, height, lora, lora_scale, dora, dora_scale],
+            [*images, status, titles],
+            api_name="compare",
+            concurrency_id="device",
+            concurrency_limit=1,
+        ).success(lambda t: [gr.Image(label=x) for x in t], titles, images, api_visibility="private", queue=False)
 
         @shown
         def save_uploads(files, resolution):
@@ -352,56 +445,110 @@ def build_app(engine: Engine) -> gr.Blocks:
                 loaded = [(_open_image(path), caption) for path, caption in reversed(p.validation)]
                 if all(image is not None for image, _ in loaded):  # else one is being written: next tick
                     new_images, count = loaded, len(loaded)
-            done = [gr.Dropdown(choices=_run_choices(engine)) for _ in pickers] if not running else [gr.skip()] * len(pickers)
+            done = (
+                [gr.Dropdown(choices=_run_choices(engine)) for _ in pickers]
+                if not running
+                else [gr.skip()] * len(pickers)
+            )
             plot = loss_figure(p) if len(p.losses) != plotted_count else gr.skip()
-            return (_progress_html(p), plot, new_images, count, len(p.losses),
-                    gr.Timer(active=running or count != len(p.validation)),
-                    gr.Button(interactive=not running), gr.Button(interactive=running), *done)
+            return (
+                _progress_html(p),
+                plot,
+                new_images,
+                count,
+                len(p.losses),
+                gr.Timer(active=running or count != len(p.validation)),
+                gr.Button(interactive=not running),
+                gr.Button(interactive=running),
+                *done,
+            )
 
         poll_outputs = [progress, loss_plot, gallery, seen, plotted, timer, start, cancel, *pickers]
 
         @shown
         def start_training(data, prompt, name, method, rank, steps, lr, seed, resolution, val_every, batch):
-            engine.start_training(TrainRequest(
-                data=data, prompt=prompt, name=(name or "").strip(), method=method, rank=int(rank), steps=int(steps or 0),
-                learning_rate=float(lr or 0), seed=int(seed or 0), resolution=int(resolution),
-                validation_steps=int(val_every) if val_every else None, batch_size=int(batch)))
+            engine.start_training(
+                TrainRequest(
+                    data=data,
+                    prompt=prompt,
+                    name=(name or "").strip(),
+                    method=method,
+                    rank=int(rank),
+                    steps=int(steps or 0),
+                    learning_rate=float(lr or 0),
+                    seed=int(seed or 0),
+                    resolution=int(resolution),
+                    validation_steps=int(val_every) if val_every else None,
+                    batch_size=int(batch),
+                )
+            )
             return poll(-1, -1)
 
-        start.click(start_training, [data, instance, run_name, method, rank, train_steps, lr, train_seed, resolution,
-                                     val_every, batch], poll_outputs, api_name="train", concurrency_id="device",
-                    concurrency_limit=1)
+        start.click(
+            start_training,
+            [data, instance, run_name, method, rank, train_steps, lr, train_seed, resolution, val_every, batch],
+            poll_outputs,
+            api_name="train",
+            concurrency_id="device",
+            concurrency_limit=1,
+        )
 
         def cancel_training():
             if engine.cancel_training():
                 gr.Info("Stopping after the current step; the run keeps a checkpoint.")
 
         cancel.click(cancel_training, None, None, api_name="cancel", queue=False)
-        timer.tick(poll, [seen, plotted], poll_outputs, show_progress="hidden", api_visibility="private",
-                   concurrency_limit=None)
+        timer.tick(
+            poll,
+            [seen, plotted],
+            poll_outputs,
+            show_progress="hidden",
+            api_visibility="private",
+            concurrency_limit=None,
+        )
         app.load(poll, [seen, plotted], poll_outputs, api_visibility="private")  # fresh run lists; a job already going
 
         @shown
         def do_export(run, fmt, dtype):
             path = engine.export(run, fmt, dtype)
-            return str(path), f"**{path.name}** ({path.stat().st_size / 2**20:.1f} MB)\n\n" + USAGE[fmt].format(file=path.name)
+            return str(path), f"**{path.name}** ({path.stat().st_size / 2**20:.1f} MB)\n\n" + USAGE[fmt].format(
+                file=path.name
+            )
 
-        export.click(do_export, [run, fmt, dtype], [download, usage], api_name="export", concurrency_id="device",
-                     concurrency_limit=1)
+        export.click(
+            do_export,
+            [run, fmt, dtype],
+            [download, usage],
+            api_name="export",
+            concurrency_id="device",
+            concurrency_limit=1,
+        )
 
         @shown
         def do_analyze(runs):
             png, text = engine.analyze(runs or [])
             return _open_image(png), "```\n" + text + "\n```"
 
-        analyze_btn.click(do_analyze, [analysis_runs], [analysis_plot, analysis_text], api_name="analyze",
-                          concurrency_id="device", concurrency_limit=1)
+        analyze_btn.click(
+            do_analyze,
+            [analysis_runs],
+            [analysis_plot, analysis_text],
+            api_name="analyze",
+            concurrency_id="device",
+            concurrency_limit=1,
+        )
     app.queue(default_concurrency_limit=1, max_size=32)
     return app
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
-          threads: int | None = None, **launch_kwargs):
+def serve(
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    share: bool = False,
+    threads: int | None = None,
+    **launch_kwargs,
+):
     """Build and launch the app. Only the exports folder is served as files (for downloads).
     ``threads``: torch's CPU threads (``dora_diffusion.threads.choose_threads`` picks when None)."""
     from dora_diffusion.threads import set_torch_threads
@@ -409,9 +556,17 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int | None = 7860, shar
     set_torch_threads(threads, model=engine.model)
     engine.exports_dir.mkdir(parents=True, exist_ok=True)
     app = build_app(engine)
-    app.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS,
-               allowed_paths=[str(engine.exports_dir)], max_file_size=f"{engine.limits.max_upload_mb}mb",
-               footer_links=[], **launch_kwargs)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        theme=THEME,
+        css=CSS,
+        allowed_paths=[str(engine.exports_dir)],
+        max_file_size=f"{engine.limits.max_upload_mb}mb",
+        footer_links=[],
+        **launch_kwargs,
+    )
     return app
 
 

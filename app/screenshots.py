@@ -17,8 +17,16 @@ import tempfile
 import time
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 MAX_BYTES = 300_000
 
 
@@ -30,7 +38,9 @@ def save_small(png: bytes, path: Path) -> None:
 
     if len(png) > MAX_BYTES:
         out = io.BytesIO()
-        Image.open(io.BytesIO(png)).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(out, "PNG", optimize=True)
+        Image.open(io.BytesIO(png)).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+            out, "PNG", optimize=True
+        )
         png = out.getvalue()
     path.write_bytes(png)
     print(f"{path}: {len(png) / 1000:.0f} KB")
@@ -61,9 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(workspace=Path(args.workspace).name if args.workspace else "outputs")
         if engine.default_runs() != ("demo/lora", "demo/dora"):
             folder, _ = engine.use_sample_subject()
-            job = engine.start_training(TrainRequest(
-                data=engine.relative(folder), prompt="a photo of sks toy", name="demo", method="both", steps=args.steps,
-                learning_rate=1e-3, resolution=64, validation_steps=0, report_to="none"))
+            job = engine.start_training(
+                TrainRequest(
+                    data=engine.relative(folder),
+                    prompt="a photo of sks toy",
+                    name="demo",
+                    method="both",
+                    steps=args.steps,
+                    learning_rate=1e-3,
+                    resolution=64,
+                    validation_steps=0,
+                    report_to="none",
+                )
+            )
             job.wait()
             assert job.state == "finished", job.progress().message
         run_name = next(f"toy{n or ''}" for n in range(100) if not (engine.workspace / f"toy{n or ''}").exists())
@@ -83,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(2):  # the second time with warm caches: representative times
                     page.locator("#generate").click()
                     time.sleep(1)
-                    page.wait_for_function("!/processing|queue/.test(document.querySelector('#compare-dora').innerText)",
-                                           timeout=120_000)
+                    page.wait_for_function(
+                        "!/processing|queue/.test(document.querySelector('#compare-dora').innerText)", timeout=120_000
+                    )
                     for key in ("base", "lora", "dora"):
                         page.wait_for_selector(f"#compare-{key} img", timeout=120_000)
                     page.wait_for_function("document.querySelector('#status').innerText.includes('Seed')")
@@ -101,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 page.get_by_label("Learning rate").fill("0.001")
                 page.locator("#start").click()
                 # while DoRA trains: progress bar, both loss curves, validation images so far
-                page.wait_for_function("(/DoRA: step (\\d+)/.exec(document.querySelector('#progress').innerText) || [0, 0])[1] >= 13",
-                                       timeout=600_000)
+                page.wait_for_function(
+                    "(/DoRA: step (\\d+)/.exec(document.querySelector('#progress').innerText) || [0, 0])[1] >= 13",
+                    timeout=600_000,
+                )
                 time.sleep(1.5)
                 save_small(page.screenshot(full_page=True), out / "train.png")
-                page.wait_for_function(f"document.querySelector('#progress').innerText.includes('Finished: {run_name}/lora')",
-                                       timeout=600_000)
+                page.wait_for_function(
+                    f"document.querySelector('#progress').innerText.includes('Finished: {run_name}/lora')",
+                    timeout=600_000,
+                )
 
                 # Export: the DoRA run, kohya format
                 page.get_by_role("tab", name="Export").click()

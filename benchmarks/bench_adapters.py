@@ -70,8 +70,7 @@ MEDIUM_UNET_CONFIG = {
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 64,  # SDXL: 256
-    "projection_class_embeddings_input_dim": 512
-    + 6 * 64,  # pooled text embeds 512 (SDXL 1280) + 6 time ids
+    "projection_class_embeddings_input_dim": 512 + 6 * 64,  # pooled text embeds 512 (SDXL 1280) + 6 time ids
 }
 
 SIZES = {
@@ -86,20 +85,13 @@ def unet_config(size: str, full_config: str | os.PathLike[str]) -> dict:
     if size == "tiny":
         from dora_diffusion.models import TINY_UNET_CONFIG
 
-        return {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in TINY_UNET_CONFIG.items()
-        }
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_UNET_CONFIG.items()}
     if size == "medium":
         return dict(MEDIUM_UNET_CONFIG)
     path = Path(full_config)
     if not path.is_file():
-        raise SystemExit(
-            f"--unet-config: {path} not found (the SDXL base 1.0 unet/config.json; pass its path)"
-        )
-    return {
-        k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")
-    }
+        raise SystemExit(f"--unet-config: {path} not found (the SDXL base 1.0 unet/config.json; pass its path)")
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,8 +133,9 @@ def build_variant(unet, variant: str, rank: int, alpha: float):
 
         add_adapters(
             unet,
-            AdapterConfig(method=method, rank=rank, alpha=alpha, targets=list(TARGETS),
-                          memory_saving="keep" not in options),
+            AdapterConfig(
+                method=method, rank=rank, alpha=alpha, targets=list(TARGETS), memory_saving="keep" not in options
+            ),
         )
         params = adapter_parameters(unet)
     else:
@@ -161,28 +154,18 @@ def build_variant(unet, variant: str, rank: int, alpha: float):
         for name, p in unet.named_parameters():
             if "lora_" in name:
                 p.requires_grad_(True)
-                if (
-                    p.dtype != torch.float32
-                ):  # adapter params stay fp32 under a half-precision base
+                if p.dtype != torch.float32:  # adapter params stay fp32 under a half-precision base
                     p.data = p.data.float()
                 params.append(p)
         if method == "dora":
             from peft.tuners.lora import LoraLayer
 
             layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
-            assert layers and all(m.use_dora.get("default") for m in layers), (
-                "PEFT DoRA is not active"
-            )
-            assert all("default" in m.lora_magnitude_vector for m in layers), (
-                "PEFT DoRA has no magnitude"
-            )
+            assert layers and all(m.use_dora.get("default") for m in layers), "PEFT DoRA is not active"
+            assert all("default" in m.lora_magnitude_vector for m in layers), "PEFT DoRA has no magnitude"
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == {id(p) for p in params}, (
-        f"{variant}: non-adapter parameters are trainable"
-    )
-    assert all(p.dtype == torch.float32 for p in params), (
-        f"{variant}: adapter parameters are not fp32"
-    )
+    assert {id(p) for p in trainable} == {id(p) for p in params}, f"{variant}: non-adapter parameters are trainable"
+    assert all(p.dtype == torch.float32 for p in params), f"{variant}: adapter parameters are not fp32"
     return params
 
 
@@ -220,19 +203,14 @@ class Setup:
         self.trainable_params = sum(p.numel() for p in params)
         self.opt = torch.optim.AdamW(params, lr=1e-4)
 
-        g = torch.Generator(device="cpu").manual_seed(
-            seed + 2
-        )  # same inputs for every variant
+        g = torch.Generator(device="cpu").manual_seed(seed + 2)  # same inputs for every variant
         b, lat, seq, res = (
             cfg["batch"],
             cfg["latent"],
             cfg["seq_len"],
             cfg["resolution"],
         )
-        pooled = (
-            ucfg["projection_class_embeddings_input_dim"]
-            - 6 * ucfg["addition_time_embed_dim"]
-        )
+        pooled = ucfg["projection_class_embeddings_input_dim"] - 6 * ucfg["addition_time_embed_dim"]
 
         def rnd(*shape):
             return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
@@ -243,9 +221,7 @@ class Setup:
             "encoder_hidden_states": rnd(b, seq, ucfg["cross_attention_dim"]),
             "added_cond_kwargs": {
                 "text_embeds": rnd(b, pooled),
-                "time_ids": torch.tensor(
-                    [[res, res, 0, 0, res, res]] * b, dtype=dtype, device=device
-                ),
+                "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * b, dtype=dtype, device=device),
             },
         }
         self.target = rnd(b, ucfg.get("out_channels", 4), lat, lat)
@@ -285,10 +261,7 @@ class Setup:
         buffers and optimizer state excluded. Runs one more (real) step."""
         import torch
 
-        exclude = {
-            t.untyped_storage().data_ptr()
-            for t in list(self.unet.parameters()) + list(self.unet.buffers())
-        }
+        exclude = {t.untyped_storage().data_ptr() for t in list(self.unet.parameters()) + list(self.unet.buffers())}
         exclude |= {
             s.untyped_storage().data_ptr()
             for group in self.opt.state.values()
@@ -303,9 +276,7 @@ class Setup:
             ptr = st.data_ptr()
             if ptr not in exclude and ptr not in seen and st.nbytes() > 0:
                 seen[ptr] = st.nbytes()
-                keep.append(
-                    st
-                )  # keep it alive so its address is not reused within the step
+                keep.append(st)  # keep it alive so its address is not reused within the step
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -323,9 +294,7 @@ def code_fingerprint() -> dict:
     import dora_diffusion.layers
 
     return {
-        Path(m.__file__).name: hashlib.sha256(
-            Path(m.__file__).read_bytes()
-        ).hexdigest()[:12]
+        Path(m.__file__).name: hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()[:12]
         for m in (dora_diffusion.layers, dora_diffusion.inject)
     }
 
@@ -349,10 +318,7 @@ def git_info() -> dict:
     commit = git("rev-parse", "HEAD").strip()
     if not commit:
         return {}
-    dirty = [
-        line[3:]
-        for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-    ]
+    dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     return {"commit": commit, "modified": dirty}
 
 
@@ -371,9 +337,7 @@ def worker(cfg: dict) -> dict:
         mem_before = torch.cuda.memory_allocated()
     rss_before = _rss_kib()
     reset_ok = _reset_peak_rss()
-    maxrss_before = (
-        None if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    )
+    maxrss_before = None if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     times, cpu_times = [], []
     load_before = os.getloadavg()[0]
@@ -407,14 +371,10 @@ def worker(cfg: dict) -> dict:
             rss_before_bytes=rss_before * 1024,
             peak_bytes=peak_kib * 1024,
             peak_increase_bytes=max(0, peak_kib - rss_before) * 1024,
-            memory_source="VmHWM reset via /proc/self/clear_refs"
-            if reset_ok
-            else "ru_maxrss",
+            memory_source="VmHWM reset via /proc/self/clear_refs" if reset_ok else "ru_maxrss",
         )
         if maxrss_before is not None and maxrss_before >= peak_kib:
-            out["memory_warning"] = (
-                "peak RSS was reached before the first step; the increase is a lower bound"
-            )
+            out["memory_warning"] = "peak RSS was reached before the first step; the increase is a lower bound"
 
     # saved activations of one more step, after the memory reading (the hook keeps references)
     out["saved_activation_bytes"], out["saved_tensors"] = su.saved_activation_bytes()
@@ -489,9 +449,7 @@ def machine_info(device: str) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else None,
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": None,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
@@ -529,27 +487,15 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
             "step_s": [r["step_s"] for r in rs],
             "run_median_step_s": [r["median_step_s"] for r in rs],
             "median_step_s": _median([r["median_step_s"] for r in rs]),
-            "median_step_cpu_s": _median(
-                [statistics.median(r["step_cpu_s"]) for r in rs]
-            ),
+            "median_step_cpu_s": _median([statistics.median(r["step_cpu_s"]) for r in rs]),
             # contention checks: the median of all timed steps pooled, and the fastest step
             "pooled_median_step_s": _median([t for r in rs for t in r["step_s"]]),
             "min_step_s": min(t for r in rs for t in r["step_s"]),
-            "peak_increase_bytes": [
-                r["peak_increase_bytes"]
-                for r in rs
-                if r["peak_increase_bytes"] is not None
-            ],
-            "median_peak_increase_bytes": _median(
-                [r["peak_increase_bytes"] for r in rs]
-            ),
+            "peak_increase_bytes": [r["peak_increase_bytes"] for r in rs if r["peak_increase_bytes"] is not None],
+            "median_peak_increase_bytes": _median([r["peak_increase_bytes"] for r in rs]),
             "median_peak_bytes": _median([r["peak_bytes"] for r in rs]),
-            "saved_activation_bytes": _median(
-                [r["saved_activation_bytes"] for r in rs]
-            ),
-            "saved_activation_bytes_all": sorted(
-                {r["saved_activation_bytes"] for r in rs}
-            ),
+            "saved_activation_bytes": _median([r["saved_activation_bytes"] for r in rs]),
+            "saved_activation_bytes_all": sorted({r["saved_activation_bytes"] for r in rs}),
             "trainable_params": rs[0]["trainable_params"],
             "memory_source": rs[0]["memory_source"],
             "final_loss": [r["loss"] for r in rs],
@@ -580,28 +526,14 @@ def ratios(per: dict, runs: list[dict]) -> dict:
         "peft-dora/ours-dora step": r("peft-dora", "ours-dora", "median_step_s"),
         "peft-dora/peft-lora step": r("peft-dora", "peft-lora", "median_step_s"),
         "peft-lora/ours-lora step": r("peft-lora", "ours-lora", "median_step_s"),
-        "ours-dora/ours-lora step (paired median)": paired_ratio(
-            runs, "ours-dora", "ours-lora"
-        ),
-        "peft-dora/ours-dora step (paired median)": paired_ratio(
-            runs, "peft-dora", "ours-dora"
-        ),
-        "ours-dora/ours-lora step (pooled median)": r(
-            "ours-dora", "ours-lora", "pooled_median_step_s"
-        ),
+        "ours-dora/ours-lora step (paired median)": paired_ratio(runs, "ours-dora", "ours-lora"),
+        "peft-dora/ours-dora step (paired median)": paired_ratio(runs, "peft-dora", "ours-dora"),
+        "ours-dora/ours-lora step (pooled median)": r("ours-dora", "ours-lora", "pooled_median_step_s"),
         "ours-dora/ours-lora step (min)": r("ours-dora", "ours-lora", "min_step_s"),
-        "peft-dora/ours-dora step (pooled median)": r(
-            "peft-dora", "ours-dora", "pooled_median_step_s"
-        ),
-        "ours-dora/ours-lora peak memory": r(
-            "ours-dora", "ours-lora", "median_peak_increase_bytes"
-        ),
-        "ours-dora/ours-lora saved activations": r(
-            "ours-dora", "ours-lora", "saved_activation_bytes"
-        ),
-        "peft-dora/ours-dora saved activations": r(
-            "peft-dora", "ours-dora", "saved_activation_bytes"
-        ),
+        "peft-dora/ours-dora step (pooled median)": r("peft-dora", "ours-dora", "pooled_median_step_s"),
+        "ours-dora/ours-lora peak memory": r("ours-dora", "ours-lora", "median_peak_increase_bytes"),
+        "ours-dora/ours-lora saved activations": r("ours-dora", "ours-lora", "saved_activation_bytes"),
+        "peft-dora/ours-dora saved activations": r("peft-dora", "ours-dora", "saved_activation_bytes"),
     }
 
 
@@ -646,11 +578,7 @@ MIB = 2**20
 
 def markdown(per: dict, device: str) -> str:
     base = per.get("ours-lora", {}).get("median_step_s")
-    mem = (
-        "peak mem MiB (RSS increase)"
-        if device == "cpu"
-        else "peak mem MiB (over start)"
-    )
+    mem = "peak mem MiB (RSS increase)" if device == "cpu" else "peak mem MiB (over start)"
     lines = [
         f"| variant | median step ms | ratio to ours-lora | {mem} | saved activations MiB | trainable params |",
         "|---|---:|---:|---:|---:|---:|",
@@ -744,9 +672,7 @@ def parse_args(argv=None):
         metavar="JSON",
         help="recompute the summary of an existing results file from its runs (no benchmarking)",
     )
-    p.add_argument(
-        "--worker", default=None, help=argparse.SUPPRESS
-    )  # internal: JSON config path
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: JSON config path
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
@@ -765,9 +691,7 @@ def main(argv=None) -> int:
         result = worker(cfg)
         Path(cfg["result_path"]).write_text(json.dumps(result))
         return 0
-    if (
-        args.resummarize
-    ):  # rebuild summary, ratios, goals and table from a results file's runs
+    if args.resummarize:  # rebuild summary, ratios, goals and table from a results file's runs
         old = json.loads(Path(args.resummarize).read_text())
         args.out = args.out or args.resummarize
         report(
@@ -791,11 +715,7 @@ def main(argv=None) -> int:
     if resolution % 8:
         raise SystemExit(f"--resolution must be a multiple of 8, got {resolution}")
     cuda = args.device == "cuda"
-    threads = args.threads or (
-        len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count()
-    )
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     ucfg = unet_config(args.size, args.unet_config)
     ucfg["sample_size"] = resolution // 8
     config = {
@@ -842,9 +762,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_adapters_") as tmp:
         for rep in range(args.repeats):
             k = rep % len(args.variants)
-            order = (
-                args.variants[k:] + args.variants[:k]
-            )  # round-robin, rotated each repeat
+            order = args.variants[k:] + args.variants[:k]  # round-robin, rotated each repeat
             for v in order:
                 wcfg = dict(
                     config,
@@ -873,9 +791,7 @@ def main(argv=None) -> int:
                     check=False,
                 )
                 if proc.returncode != 0:
-                    raise SystemExit(
-                        f"worker {v} repeat {rep} failed (exit {proc.returncode})"
-                    )
+                    raise SystemExit(f"worker {v} repeat {rep} failed (exit {proc.returncode})")
                 r = json.loads(Path(wcfg["result_path"]).read_text())
                 runs.append(r)
                 print(
@@ -905,14 +821,10 @@ def report(
             assert a["trainable_params"] == b["trainable_params"], (
                 f"{method}: trainable parameters differ, ours {a['trainable_params']} vs peft {b['trainable_params']}"
             )
-            print(
-                f"trainable parameters, {method}: ours {a['trainable_params']:,} == peft {b['trainable_params']:,}"
-            )
+            print(f"trainable parameters, {method}: ours {a['trainable_params']:,} == peft {b['trainable_params']:,}")
     codes = {json.dumps(r.get("code"), sort_keys=True) for r in runs}
     if len(codes) > 1:
-        print(
-            f"WARNING: the adapter code changed during the benchmark ({len(codes)} versions in the runs)"
-        )
+        print(f"WARNING: the adapter code changed during the benchmark ({len(codes)} versions in the runs)")
     rat = ratios(per, runs)
     gl = goals(rat)
     table = markdown(per, config["device"])
@@ -922,11 +834,7 @@ def report(
         if x is not None:
             print(f"{k}: {x:.3f}")
     print()
-    print(
-        "Goals (set for CPU medium):"
-        if not (config["size"] == "medium" and not cuda)
-        else "Goals:"
-    )
+    print("Goals (set for CPU medium):" if not (config["size"] == "medium" and not cuda) else "Goals:")
     for g in gl:
         ratio = "–" if g["ratio"] is None else f"{g['ratio']:.3f}"
         print(f"  {g['status']:4s}  {g['goal']}  (ratio {ratio})")

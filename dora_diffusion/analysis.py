@@ -147,15 +147,19 @@ def adapter_decomposition(adapter: AdapterLinear) -> Decomposition:
     return Decomposition(delta_m(w, w0), delta_d(w, w0))
 
 
-def _check_shapes(w0: torch.Tensor, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
-                  magnitude: torch.Tensor | None) -> None:
+def _check_shapes(
+    w0: torch.Tensor, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, magnitude: torch.Tensor | None
+) -> None:
     if w0.dim() != 2:
         raise ValueError(f"base weight: expected [out, in], got {tuple(w0.shape)}")
     out, inp = w0.shape
     rank = lora_a.shape[0] if lora_a is not None and lora_a.dim() == 2 else -1
     expected = {"lora_A": (lora_a, (rank, inp)), "lora_B": (lora_b, (out, rank)), "magnitude": (magnitude, (out,))}
-    bad = [f"{k} {tuple(t.shape)}, expected {shape}" for k, (t, shape) in expected.items()
-           if t is not None and tuple(t.shape) != shape]
+    bad = [
+        f"{k} {tuple(t.shape)}, expected {shape}"
+        for k, (t, shape) in expected.items()
+        if t is not None and tuple(t.shape) != shape
+    ]
     if bad:
         raise ValueError(f"does not fit the base weight {tuple(w0.shape)}: " + "; ".join(bad))
 
@@ -261,8 +265,12 @@ class AnalysisResult:
         """Per run and step (``run@step``): pooled fits also carry the common growth of ΔD and ΔM with
         training; within one checkpoint only the layers' spread is left."""
         keys = dict.fromkeys((r.run, r.step) for r in self.rows)
-        return {f"{run}@{'final' if step is None else step}": _fit(run, [r for r in self.rows if (r.run, r.step) == (run, step)])
-                for run, step in keys}
+        return {
+            f"{run}@{'final' if step is None else step}": _fit(
+                run, [r for r in self.rows if (r.run, r.step) == (run, step)]
+            )
+            for run, step in keys
+        }
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         def write(tmp: Path) -> None:
@@ -270,24 +278,41 @@ class AnalysisResult:
                 out = csv.writer(f)
                 out.writerow(CSV_COLUMNS)
                 for r in self.rows:
-                    out.writerow([r.run, r.method, "" if r.step is None else r.step, r.component, r.layer,
-                                  repr(r.delta_m), repr(r.delta_d)])
+                    out.writerow(
+                        [
+                            r.run,
+                            r.method,
+                            "" if r.step is None else r.step,
+                            r.component,
+                            r.layer,
+                            repr(r.delta_m),
+                            repr(r.delta_d),
+                        ]
+                    )
 
         _write_atomic(Path(path), write)
         return Path(path)
 
     def summary(self) -> dict[str, Any]:
         """The fits as plain JSON-able dicts (NaN as None)."""
+
         def plain(fits: dict[str, Fit]) -> dict[str, dict]:
             return {k: {n: _finite(v) for n, v in asdict(f).items() if n != "group"} for k, f in fits.items()}
 
-        return {"rows": len(self.rows), "by_method": plain(self.fits_by_method()), "by_run": plain(self.fits_by_run()),
-                "by_checkpoint": plain(self.fits_by_checkpoint()),
-                "steps": {run: self.steps(run) for run in self.runs()}}
+        return {
+            "rows": len(self.rows),
+            "by_method": plain(self.fits_by_method()),
+            "by_run": plain(self.fits_by_run()),
+            "by_checkpoint": plain(self.fits_by_checkpoint()),
+            "steps": {run: self.steps(run) for run in self.runs()},
+        }
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        doc = {**self.summary(), "columns": list(CSV_COLUMNS),
-               "data": [[_finite(v) for v in asdict(r).values()] for r in self.rows]}
+        doc = {
+            **self.summary(),
+            "columns": list(CSV_COLUMNS),
+            "data": [[_finite(v) for v in asdict(r).values()] for r in self.rows],
+        }
         _write_atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n"))
         return Path(path)
 
@@ -395,7 +420,9 @@ def _unet_snapshots(path: Path) -> list[Snapshot]:
     step_in = runs.step_in_path
     if _is_unet_folder(path):
         return [Snapshot(step_in(path), path, "unet")]
-    found = [Snapshot(step_in(p), p, "unet") for p in path.glob(f"{runs.CHECKPOINT_PREFIX}*/unet") if _is_unet_folder(p)]
+    found = [
+        Snapshot(step_in(p), p, "unet") for p in path.glob(f"{runs.CHECKPOINT_PREFIX}*/unet") if _is_unet_folder(p)
+    ]
     found += [Snapshot(step_in(p), p / "unet", "unet") for p in runs.checkpoints(path) if _is_unet_folder(p / "unet")]
     if _is_unet_folder(path / "unet"):
         found.append(Snapshot(step_in(path), path / "unet", "unet"))
@@ -425,13 +452,22 @@ def describe_run(path: str | os.PathLike) -> RunSource:
     if runs.is_checkpoint(path) and (path / runs.CHECKPOINT_ADAPTER_NAME).is_file():  # one training checkpoint
         state = runs.read_checkpoint_state(path)
         acfg = _run_adapter_config(state.get("config", {}), path / runs.STATE_NAME)
-        return RunSource(path, f"{runs.run_of_checkpoint(path).name}@{path.name}", runs.base_model(path),
-                         [Snapshot(int(state["step"]), path / runs.CHECKPOINT_ADAPTER_NAME, "checkpoint")], acfg.method, acfg)
+        return RunSource(
+            path,
+            f"{runs.run_of_checkpoint(path).name}@{path.name}",
+            runs.base_model(path),
+            [Snapshot(int(state["step"]), path / runs.CHECKPOINT_ADAPTER_NAME, "checkpoint")],
+            acfg.method,
+            acfg,
+        )
     cfg = runs.read_run_config(path)
     if cfg is not None:
         acfg = _run_adapter_config(cfg, runs.config_file(path))
-        snaps = [Snapshot(runs.step_in_path(p), p / runs.CHECKPOINT_ADAPTER_NAME, "checkpoint")
-                 for p in runs.checkpoints(path) if (p / runs.CHECKPOINT_ADAPTER_NAME).is_file()]
+        snaps = [
+            Snapshot(runs.step_in_path(p), p / runs.CHECKPOINT_ADAPTER_NAME, "checkpoint")
+            for p in runs.checkpoints(path)
+            if (p / runs.CHECKPOINT_ADAPTER_NAME).is_file()
+        ]
         final = runs.adapter_file(path)
         if final.is_file():
             step = runs.adapter_metadata(final).get("trained_steps", cfg.get("max_steps"))
@@ -439,8 +475,9 @@ def describe_run(path: str | os.PathLike) -> RunSource:
                 snaps.append(Snapshot(step, final, "adapter"))
         if not snaps:
             raise AnalysisError(f"{path}: a training run without adapter checkpoints or {runs.ADAPTER_NAME}")
-        return RunSource(path, path.name, runs.base_model(path), sorted(snaps, key=lambda s: _step_key(s.step)),
-                         acfg.method, acfg)
+        return RunSource(
+            path, path.name, runs.base_model(path), sorted(snaps, key=lambda s: _step_key(s.step)), acfg.method, acfg
+        )
     unets = _unet_snapshots(path) if path.is_dir() else []
     if unets:
         label = path.parent.name if path.name == "unet" else path.name
@@ -448,11 +485,18 @@ def describe_run(path: str | os.PathLike) -> RunSource:
     try:
         file = resolve_adapter_file(path)
     except AdapterFileError as e:
-        raise AnalysisError(f"{path}: not a training run (no {runs.CONFIG_NAME}), a UNet folder or an adapter file ({e})") from None
+        raise AnalysisError(
+            f"{path}: not a training run (no {runs.CONFIG_NAME}), a UNet folder or an adapter file ({e})"
+        ) from None
     step = runs.adapter_metadata(file).get("trained_steps")
     label = path.stem if path.is_file() and path.name != runs.ADAPTER_NAME else file.parent.name
-    return RunSource(path, label, runs.base_model(path),
-                     [Snapshot(step if isinstance(step, int) else runs.step_in_path(path), file, "adapter")], "")
+    return RunSource(
+        path,
+        label,
+        runs.base_model(path),
+        [Snapshot(step if isinstance(step, int) else runs.step_in_path(path), file, "adapter")],
+        "",
+    )
 
 
 def _linear(module: nn.Module, name: str, where: str) -> nn.Linear:
@@ -488,8 +532,10 @@ def _checkpoint_adapters(file: Path, run: RunSource, base: BaseModel) -> dict[tu
         for param, t in p.items():
             target = getattr(adapter, param)
             if t.shape != target.shape:
-                raise AnalysisError(f"{file}: {comp}.{name}.{param} is {tuple(t.shape)}, the base model needs "
-                                    f"{tuple(target.shape)} (is it for another model?)")
+                raise AnalysisError(
+                    f"{file}: {comp}.{name}.{param} is {tuple(t.shape)}, the base model needs "
+                    f"{tuple(target.shape)} (is it for another model?)"
+                )
             target.copy_(t)
         adapters[(comp, name)] = adapter
     return adapters
@@ -551,8 +597,10 @@ def _unet_rows(run: RunSource, base: BaseModel, layers: Sequence[str] | None) ->
         index = _safetensors_index(snap.path)
         missing = [n for n, _ in linears if f"{n}.weight" not in index]
         if missing:
-            raise AnalysisError(f"{snap.path}: {len(missing)} Linear weights of the base UNet are missing "
-                                f"(e.g. {', '.join(missing[:3])}); is it for another model?")
+            raise AnalysisError(
+                f"{snap.path}: {len(missing)} Linear weights of the base UNet are missing "
+                f"(e.g. {', '.join(missing[:3])}); is it for another model?"
+            )
         rows: dict[str, DecompositionRow] = {}
         for file in dict.fromkeys(index[f"{n}.weight"] for n, _ in linears):  # each file opened once
             with safe_open(str(file), framework="pt") as f:
@@ -561,10 +609,12 @@ def _unet_rows(run: RunSource, base: BaseModel, layers: Sequence[str] | None) ->
                         continue
                     w = f.get_tensor(f"{name}.weight")
                     if w.shape != module.weight.shape:
-                        raise AnalysisError(f"{snap.path}: {name}.weight is {tuple(w.shape)}, "
-                                            f"the base's {tuple(module.weight.shape)}")
-                    rows[name] = DecompositionRow(run.label, FULL, snap.step, "unet", name,
-                                                  delta_m(w, module.weight), delta_d(w, module.weight))
+                        raise AnalysisError(
+                            f"{snap.path}: {name}.weight is {tuple(w.shape)}, the base's {tuple(module.weight.shape)}"
+                        )
+                    rows[name] = DecompositionRow(
+                        run.label, FULL, snap.step, "unet", name, delta_m(w, module.weight), delta_d(w, module.weight)
+                    )
         yield from (rows[n] for n, _ in linears)  # in the model's order
 
 
@@ -573,8 +623,9 @@ def _unet_rows(run: RunSource, base: BaseModel, layers: Sequence[str] | None) ->
 # --------------------------------------------------------------------------------------------
 
 
-def analyze_runs(runs: Iterable[str | os.PathLike], model: str | None = None, *,
-                 layers: Sequence[str] | None = None) -> AnalysisResult:
+def analyze_runs(
+    runs: Iterable[str | os.PathLike], model: str | None = None, *, layers: Sequence[str] | None = None
+) -> AnalysisResult:
     """ΔM and ΔD of every adapted matrix of every run at each of its checkpoints.
 
     ``runs``: training run folders (``checkpoints/checkpoint-N/adapter.safetensors`` and the final
@@ -606,8 +657,12 @@ def analyze_runs(runs: Iterable[str | os.PathLike], model: str | None = None, *,
     return result
 
 
-def analyze_unet_folder(finetuned: str | os.PathLike | Sequence[str | os.PathLike], base_model: str | None = None, *,
-                        layers: Sequence[str] | None = None) -> AnalysisResult:
+def analyze_unet_folder(
+    finetuned: str | os.PathLike | Sequence[str | os.PathLike],
+    base_model: str | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+) -> AnalysisResult:
     """Full fine-tuning: every Linear weight of fine-tuned UNet folder(s) against ``base_model``'s UNet
     (``None``: the embedded tiny model). A folder may be a UNet folder, a pipeline folder or a training
     output with ``checkpoint-N/unet`` folders (labelled by step)."""
@@ -656,12 +711,23 @@ def decomposition_figure(result: AnalysisResult):
         colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(steps)))
         for step, colour in zip(steps, colours):
             pts = [r for r in result.rows if r.run == run and r.step == step]
-            ax.scatter([r.delta_d for r in pts], [r.delta_m for r in pts], s=16, color=colour, alpha=0.85,
-                       edgecolors="none", label="final" if step is None else f"step {step}")
+            ax.scatter(
+                [r.delta_d for r in pts],
+                [r.delta_m for r in pts],
+                s=16,
+                color=colour,
+                alpha=0.85,
+                edgecolors="none",
+                label="final" if step is None else f"step {step}",
+            )
         fit = fits[run]
         if math.isfinite(fit.slope):
-            xs = np.array([min(r.delta_d for r in result.rows if r.run == run),
-                           max(r.delta_d for r in result.rows if r.run == run)])
+            xs = np.array(
+                [
+                    min(r.delta_d for r in result.rows if r.run == run),
+                    max(r.delta_d for r in result.rows if r.run == run),
+                ]
+            )
             ax.plot(xs, fit.slope * xs + fit.intercept, color="black", linestyle="--", linewidth=1)
         r_text = f"r = {fit.pearson:+.2f}" if math.isfinite(fit.pearson) else _undefined(result.rows, run)
         # Layout: the title wraps to its panel's width and sits clear above the axis multiplier (×10⁻³);
@@ -678,8 +744,13 @@ def decomposition_figure(result: AnalysisResult):
     return fig
 
 
-def analyze(runs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, model: str | None = None, *,
-            layers: Sequence[str] | None = None) -> dict[str, Any]:
+def analyze(
+    runs: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    model: str | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """``analyze_runs`` + ``decomposition.png``, ``.csv`` and ``.json`` in ``out_dir`` (written only once
     every run has been read; earlier files of these names are replaced). Returns the summary: the
     fits per method and per run, the steps seen, and the files written."""
@@ -694,7 +765,22 @@ def analyze(runs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, model
 
 
 __all__ = [
-    "AnalysisError", "AnalysisResult", "Decomposition", "DecompositionRow", "Fit", "analyze", "analyze_runs",
-    "adapter_decomposition", "analyze_unet_folder", "delta_d", "delta_m", "describe_run", "direction_change", "layer_decomposition",
-    "linear_fit", "pearson", "plot_decomposition", "row_magnitudes",
+    "AnalysisError",
+    "AnalysisResult",
+    "Decomposition",
+    "DecompositionRow",
+    "Fit",
+    "analyze",
+    "analyze_runs",
+    "adapter_decomposition",
+    "analyze_unet_folder",
+    "delta_d",
+    "delta_m",
+    "describe_run",
+    "direction_change",
+    "layer_decomposition",
+    "linear_fit",
+    "pearson",
+    "plot_decomposition",
+    "row_magnitudes",
 ]

@@ -8,10 +8,14 @@ from . import runs
 from .config import TrainConfig
 
 
-def model_card(config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path) -> str:
+def model_card(
+    config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path
+) -> str:
     base = config.model or "tiny-sdxl (the embedded test model of dora-diffusion)"
-    method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only", "dvora": "DVoRA (DoRA + VeRA)"}.get(config.method, config.method)
-    shown = images[-config.num_validation_images:] if images else []
+    method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only", "dvora": "DVoRA (DoRA + VeRA)"}.get(
+        config.method, config.method
+    )
+    shown = images[-config.num_validation_images :] if images else []
     gallery = "\n".join(f"![validation]({p.relative_to(output).as_posix()})" for p in shown)
     hub_base = config.model if config.model and not Path(config.model).exists() else None
     yaml_base = f"base_model: {hub_base}\n" if hub_base else ""
@@ -84,7 +88,14 @@ has no adapter to misread. The ComfyUI/Forge file is exact on the base weights i
 """
 
 
-def write_model_card(output: Path, config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path]) -> Path:
+def write_model_card(
+    output: Path, config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path]
+) -> Path:
     path = Path(output) / runs.CARD_NAME
-    path.write_text(model_card(config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=Path(output)), encoding="utf-8")
+    path.write_text(
+        model_card(
+            config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=Path(output)
+        ),
+        encoding="utf-8",
+    )
     return path

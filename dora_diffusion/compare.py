@@ -90,7 +90,11 @@ class CompareConfig:
             raise ConfigError(f"ranks: must be positive integers, got {self.ranks}")
         if not self.validation_prompts:
             p = self.train.prompt
-            self.validation_prompts = [p, f"{p} on the beach", f"a watercolor painting of {p.removeprefix('a photo of ')}"]
+            self.validation_prompts = [
+                p,
+                f"{p} on the beach",
+                f"a watercolor painting of {p.removeprefix('a photo of ')}",
+            ]
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
@@ -109,20 +113,32 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             if method == "magnitude" and any(r["method"] == "magnitude" for r in runs):
                 continue  # rank does not apply: train it once
             out = root / label.replace(" ", "-")
-            run_cfg = cfg.train.replace(method=method, rank=rank, output=str(out), resume=None, overwrite=cfg.train.overwrite,
-                                        checkpoint_steps=cfg.train.checkpoint_steps or max(1, cfg.train.max_steps // 2))
+            run_cfg = cfg.train.replace(
+                method=method,
+                rank=rank,
+                output=str(out),
+                resume=None,
+                overwrite=cfg.train.overwrite,
+                checkpoint_steps=cfg.train.checkpoint_steps or max(1, cfg.train.max_steps // 2),
+            )
             with PeakMemory("cuda" if torch.cuda.is_available() else "cpu") as mem:
                 started = time.perf_counter()
                 result = train(run_cfg)
                 wall = time.perf_counter() - started
-            runs.append({
-                "label": label, "method": method, "rank": rank if method != "magnitude" else None, "output": str(out),
-                "trainable_parameters": result.trainable_parameters,
-                "adapter_file_bytes": result.adapter_file.stat().st_size,
-                "median_step_ms": result.median_step_seconds * 1000, "train_seconds": wall,
-                "peak_memory_mib": None if mem.peak_bytes is None else mem.peak_bytes / 2**20,
-                "final_loss": result.final_loss,
-            })
+            runs.append(
+                {
+                    "label": label,
+                    "method": method,
+                    "rank": rank if method != "magnitude" else None,
+                    "output": str(out),
+                    "trainable_parameters": result.trainable_parameters,
+                    "adapter_file_bytes": result.adapter_file.stat().st_size,
+                    "median_step_ms": result.median_step_seconds * 1000,
+                    "train_seconds": wall,
+                    "peak_memory_mib": None if mem.peak_bytes is None else mem.peak_bytes / 2**20,
+                    "final_loss": result.final_loss,
+                }
+            )
 
     # the grid: rows = validation prompts, columns = runs (base first), same noise per row
     pipe = load_pipeline(cfg.train.model)
@@ -134,8 +150,14 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
             load_adapter(pipe, run["output"])
         column = []
         for prompt in cfg.validation_prompts:
-            s = SampleSettings(prompt, seed=cfg.train.seed, steps=cfg.sample_steps, guidance=cfg.train.validation_guidance,
-                               width=cfg.sample_size, height=cfg.sample_size)
+            s = SampleSettings(
+                prompt,
+                seed=cfg.train.seed,
+                steps=cfg.sample_steps,
+                guidance=cfg.train.validation_guidance,
+                width=cfg.sample_size,
+                height=cfg.sample_size,
+            )
             column += generate(pipe, s)
         columns.append(column)
     rows = [[col[i] for col in columns] for i in range(len(cfg.validation_prompts))]
@@ -148,9 +170,18 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     analysis = analyze([r["output"] for r in runs], root / "analysis", model=cfg.train.model)
     for run in runs:  # the analysis names a run by its folder
         run["delta_d_delta_m_correlation"] = analysis.get("by_run", {}).get(Path(run["output"]).name, {}).get("pearson")
-    summary = {"settings": {**cfg.train.to_dict(), "methods": cfg.methods, "ranks": cfg.ranks,
-                            "validation_prompts": cfg.validation_prompts},
-               "runs": runs, "grid": str(grid_path), "analysis": analysis.get("files", {}), **metrics}
+    summary = {
+        "settings": {
+            **cfg.train.to_dict(),
+            "methods": cfg.methods,
+            "ranks": cfg.ranks,
+            "validation_prompts": cfg.validation_prompts,
+        },
+        "runs": runs,
+        "grid": str(grid_path),
+        "analysis": analysis.get("files", {}),
+        **metrics,
+    }
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     table = summary_table(runs) + metrics_table(runs, metrics)
     (root / "summary.md").write_text(table)
@@ -172,9 +203,19 @@ def _metrics(cfg: CompareConfig, pipe, runs: list[dict[str, Any]]) -> dict[str, 
         return {"metrics_skipped": "no DINO model and no judge"}
     others = [p for p in cfg.validation_prompts if p != cfg.train.prompt]
     scenes = {p: "" for p in others} if cfg.clip else scene_prompts_for_judge(others)
-    ev = Evaluator(model_dir, cfg.train.data, cfg.train.prompt, cfg.train.class_prompt, scene_prompts=scenes,
-                   eval_seeds=cfg.eval_seeds, inference_steps=cfg.sample_steps, guidance=cfg.train.validation_guidance,
-                   dino=cfg.dino, clip=cfg.clip, pipe=pipe)
+    ev = Evaluator(
+        model_dir,
+        cfg.train.data,
+        cfg.train.prompt,
+        cfg.train.class_prompt,
+        scene_prompts=scenes,
+        eval_seeds=cfg.eval_seeds,
+        inference_steps=cfg.sample_steps,
+        guidance=cfg.train.validation_guidance,
+        dino=cfg.dino,
+        clip=cfg.clip,
+        pipe=pipe,
+    )
     base = ev.evaluate(None)
     for run in runs:
         started = time.perf_counter()
@@ -198,8 +239,12 @@ def metric_verdicts(runs: list[dict[str, Any]]) -> list[str]:
             continue
         for f in METRIC_FIELDS:
             if f in run["metrics"] and f in other["metrics"]:
-                line = ahead(Score(**run["metrics"][f]), Score(**other["metrics"][f]), names=(run["label"], other["label"]),
-                             lower_is_better=f == "drift")
+                line = ahead(
+                    Score(**run["metrics"][f]),
+                    Score(**other["metrics"][f]),
+                    names=(run["label"], other["label"]),
+                    lower_is_better=f == "drift",
+                )
                 out.append(f"{f.replace('_', ' ')}: {line}")
     return out
 
@@ -215,10 +260,16 @@ def metrics_table(runs: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
     def cell(m: dict[str, Any], f: str) -> str:
         return f"{m[f]['mean']:.3f} ± {m[f]['std']:.3f} (n={m[f]['n']})" if f in m else "n/a"
 
-    lines = ["", f"| model | subject fidelity ({rows[0][1]['embedding']}) | subject drawn | prompt fidelity ({kind}) | drift |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"| model | subject fidelity ({rows[0][1]['embedding']}) | subject drawn | prompt fidelity ({kind}) | drift |",
+        "|---|---:|---:|---:|---:|",
+    ]
     lines += [f"| {label} | " + " | ".join(cell(m, f) for f in METRIC_FIELDS) + " |" for label, m in rows]
-    lines += ["", f"{rows[0][1]['eval_seeds']} sampling seeds per prompt, the same for every model; ± is the std over images."]
+    lines += [
+        "",
+        f"{rows[0][1]['eval_seeds']} sampling seeds per prompt, the same for every model; ± is the std over images.",
+    ]
     lines += [f"- {v}" for v in metrics.get("metric_verdicts", [])]
     return "\n".join(lines) + "\n"
 
@@ -230,6 +281,8 @@ def summary_table(runs: list[dict[str, Any]]) -> str:
         mem = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f} MiB"
         corr = r.get("delta_d_delta_m_correlation")
         corr = "n/a" if corr is None or corr != corr else f"{corr:+.2f}"
-        lines.append(f"| {r['label']} | {r['trainable_parameters']:,} | {r['adapter_file_bytes'] / 2**10:.0f} KiB | "
-                     f"{r['median_step_ms']:.0f} ms | {mem} | {r['final_loss']:.4f} | {corr} |")
+        lines.append(
+            f"| {r['label']} | {r['trainable_parameters']:,} | {r['adapter_file_bytes'] / 2**10:.0f} KiB | "
+            f"{r['median_step_ms']:.0f} ms | {mem} | {r['final_loss']:.4f} | {corr} |"
+        )
     return head + "\n".join(lines) + "\n"

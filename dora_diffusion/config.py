@@ -48,26 +48,72 @@ class TrainConfig:
     """Everything a DreamBooth run depends on (with the seed, the run is reproducible)."""
 
     # --- what to train on
-    data: str = _opt("", "Folder of subject images (jpg, png, webp, bmp); optional name.txt caption sidecars.", group="data")
-    prompt: str = _opt("", "Instance prompt naming the subject with a rare token, e.g. 'a photo of sks toy'.", group="data")
-    output: str = _opt("outputs/run", "Output folder. An existing non-empty folder is refused unless --resume or --overwrite.", group="data")
-    model: str | None = _opt(None, "Base SDXL model: a local diffusers folder or a hub id already in the local cache. Default: the embedded tiny model.", group="data")
-    resolution: int | None = _opt(None, "Training resolution in pixels (multiple of 8). Default: the model's native size (1024 for SDXL).", group="data")
+    data: str = _opt(
+        "", "Folder of subject images (jpg, png, webp, bmp); optional name.txt caption sidecars.", group="data"
+    )
+    prompt: str = _opt(
+        "", "Instance prompt naming the subject with a rare token, e.g. 'a photo of sks toy'.", group="data"
+    )
+    output: str = _opt(
+        "outputs/run",
+        "Output folder. An existing non-empty folder is refused unless --resume or --overwrite.",
+        group="data",
+    )
+    model: str | None = _opt(
+        None,
+        "Base SDXL model: a local diffusers folder or a hub id already in the local cache. Default: the embedded tiny model.",
+        group="data",
+    )
+    resolution: int | None = _opt(
+        None,
+        "Training resolution in pixels (multiple of 8). Default: the model's native size (1024 for SDXL).",
+        group="data",
+    )
     center_crop: bool = _opt(False, "Center crop instead of random crop.", group="data")
     flip_p: float = _opt(0.5, "Probability of a horizontal flip per example.", group="data")
     # --- the adapter
-    method: str = _opt("dora", "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) or 'dvora' (magnitude + VeRA direction).", choices=METHODS, group="adapter")
+    method: str = _opt(
+        "dora",
+        "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) or 'dvora' (magnitude + VeRA direction).",
+        choices=METHODS,
+        group="adapter",
+    )
     rank: int = _opt(8, "Rank of the low-rank update.", group="adapter")
-    alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank.", group="adapter")
-    targets: str = _opt("attn", f"Layers to adapt: a preset ({', '.join(PRESETS)}) or comma-separated whole module names.", group="adapter")
-    policy: str | None = _opt(None, "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, magnitude only on feed-forward). Groups: attn, ff, or whole module names.", group="adapter")
+    alpha: float | None = _opt(
+        None, "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank.", group="adapter"
+    )
+    targets: str = _opt(
+        "attn",
+        f"Layers to adapt: a preset ({', '.join(PRESETS)}) or comma-separated whole module names.",
+        group="adapter",
+    )
+    policy: str | None = _opt(
+        None,
+        "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, magnitude only on feed-forward). Groups: attn, ff, or whole module names.",
+        group="adapter",
+    )
     dropout: float = _opt(0.0, "Dropout on the adapter input.", group="adapter")
-    norm_grad: str = _opt("detach", "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient.", choices=("detach", "exact"), group="adapter")
-    memory_saving: bool = _opt(True, "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~4% slower on CPU); --no-memory-saving keeps them.", group="adapter")
+    norm_grad: str = _opt(
+        "detach",
+        "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient.",
+        choices=("detach", "exact"),
+        group="adapter",
+    )
+    memory_saving: bool = _opt(
+        True,
+        "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~4% slower on CPU); --no-memory-saving keeps them.",
+        group="adapter",
+    )
     train_text_encoder: bool = _opt(False, "Also put adapters on both text encoders and train them.", group="adapter")
     # --- prior preservation
-    class_prompt: str | None = _opt(None, "Class prompt, e.g. 'a photo of a toy'; turns on prior preservation.", group="prior preservation")
-    class_data: str | None = _opt(None, "Folder of class images; missing ones are generated with the base model and kept. Default: <output>/../class_images/<class prompt>.", group="prior preservation")
+    class_prompt: str | None = _opt(
+        None, "Class prompt, e.g. 'a photo of a toy'; turns on prior preservation.", group="prior preservation"
+    )
+    class_data: str | None = _opt(
+        None,
+        "Folder of class images; missing ones are generated with the base model and kept. Default: <output>/../class_images/<class prompt>.",
+        group="prior preservation",
+    )
     num_class_images: int = _opt(50, "How many class images prior preservation uses.", group="prior preservation")
     prior_loss_weight: float = _opt(1.0, "Weight of the prior-preservation loss.", group="prior preservation")
     # --- optimisation
@@ -75,7 +121,9 @@ class TrainConfig:
     batch_size: int = _opt(1, "Examples per device per micro-batch.", group="optimisation")
     gradient_accumulation: int = _opt(1, "Micro-batches per optimizer step.", group="optimisation")
     learning_rate: float = _opt(1e-4, "Learning rate of the UNet adapters.", group="optimisation")
-    text_encoder_lr: float | None = _opt(None, "Learning rate of the text-encoder adapters. Default: --learning-rate.", group="optimisation")
+    text_encoder_lr: float | None = _opt(
+        None, "Learning rate of the text-encoder adapters. Default: --learning-rate.", group="optimisation"
+    )
     lr_schedule: str = _opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULES, group="optimisation")
     lr_warmup_steps: int = _opt(0, "Linear warm-up steps.", group="optimisation")
     weight_decay: float = _opt(1e-4, "AdamW weight decay.", group="optimisation")
@@ -84,23 +132,48 @@ class TrainConfig:
     adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", group="optimisation")
     use_8bit_adam: bool = _opt(False, "8-bit AdamW from bitsandbytes (must be installed; CUDA).", group="optimisation")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 = off).", group="optimisation")
-    snr_gamma: float | None = _opt(None, "Min-SNR-γ loss weighting (5.0 is the paper's value). Default: off.", group="optimisation")
-    noise_offset: float = _opt(0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.", group="optimisation")
+    snr_gamma: float | None = _opt(
+        None, "Min-SNR-γ loss weighting (5.0 is the paper's value). Default: off.", group="optimisation"
+    )
+    noise_offset: float = _opt(
+        0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.", group="optimisation"
+    )
     # --- speed and memory
-    mixed_precision: str = _opt("no", "Mixed precision: 'no', 'fp16' or 'bf16' (frozen weights in that dtype, adapters fp32).", choices=MIXED_PRECISION, group="speed and memory")
-    gradient_checkpointing: bool = _opt(False, "Recompute UNet activations in backward: less memory, ~30% slower.", group="speed and memory")
-    cache_latents: bool = _opt(True, "Encode each image with the VAE once (fixes each image's crop and flip to its first draw).", group="speed and memory")
+    mixed_precision: str = _opt(
+        "no",
+        "Mixed precision: 'no', 'fp16' or 'bf16' (frozen weights in that dtype, adapters fp32).",
+        choices=MIXED_PRECISION,
+        group="speed and memory",
+    )
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute UNet activations in backward: less memory, ~30% slower.", group="speed and memory"
+    )
+    cache_latents: bool = _opt(
+        True,
+        "Encode each image with the VAE once (fixes each image's crop and flip to its first draw).",
+        group="speed and memory",
+    )
     # --- reproducibility, validation, checkpoints
-    seed: int = _opt(0, "Seed for everything random: data order, noise, timesteps, dropout, validation images.", group="run")
-    validation_prompt: str | None = _opt(None, "Prompt of the validation images. Default: the instance prompt.", group="run")
-    validation_steps: int = _opt(100, "Validation images every N steps (and at the end); 0 = only at the end.", group="run")
+    seed: int = _opt(
+        0, "Seed for everything random: data order, noise, timesteps, dropout, validation images.", group="run"
+    )
+    validation_prompt: str | None = _opt(
+        None, "Prompt of the validation images. Default: the instance prompt.", group="run"
+    )
+    validation_steps: int = _opt(
+        100, "Validation images every N steps (and at the end); 0 = only at the end.", group="run"
+    )
     num_validation_images: int = _opt(2, "Validation images per validation (seeds seed, seed+1, ...).", group="run")
     validation_inference_steps: int = _opt(25, "Denoising steps of the validation images.", group="run")
     validation_guidance: float = _opt(5.0, "Guidance scale of the validation images.", group="run")
-    checkpoint_steps: int = _opt(0, "Checkpoint (adapter, optimizer, scheduler, RNG) every N steps; 0 = off.", group="run")
+    checkpoint_steps: int = _opt(
+        0, "Checkpoint (adapter, optimizer, scheduler, RNG) every N steps; 0 = off.", group="run"
+    )
     checkpoints_total_limit: int | None = _opt(None, "Keep only the newest N checkpoints.", group="run")
     resume: str | None = _opt(None, "Resume from 'latest' or a checkpoint folder.", group="run")
-    overwrite: bool = _opt(False, "Allow writing into an existing non-empty output folder (files there may be replaced).", group="run")
+    overwrite: bool = _opt(
+        False, "Allow writing into an existing non-empty output folder (files there may be replaced).", group="run"
+    )
     report_to: str = _opt("tensorboard", "Experiment tracker for accelerate ('tensorboard', 'none', ...).", group="run")
     log_every: int = _opt(1, "Write loss, learning rate and step time to train_log.jsonl every N steps.", group="run")
 
@@ -112,13 +185,27 @@ class TrainConfig:
             raise bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation", "num_validation_images", "validation_inference_steps"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation",
+            "num_validation_images",
+            "validation_inference_steps",
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("learning_rate", "adam_epsilon"):
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be positive, got {getattr(self, name)}")
-        for name in ("validation_steps", "checkpoint_steps", "lr_warmup_steps", "num_class_images", "max_grad_norm", "noise_offset", "weight_decay"):
+        for name in (
+            "validation_steps",
+            "checkpoint_steps",
+            "lr_warmup_steps",
+            "num_class_images",
+            "max_grad_norm",
+            "noise_offset",
+            "weight_decay",
+        ):
             if getattr(self, name) < 0:
                 raise bad(name, f"must not be negative, got {getattr(self, name)}")
         if not 0 <= self.flip_p <= 1:
@@ -133,9 +220,17 @@ class TrainConfig:
 
     def adapter_config(self) -> AdapterConfig:
         try:
-            return AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
-                                 dropout=self.dropout, norm_grad=self.norm_grad, vera_seed=self.seed,
-                                 policy=parse_policy(self.policy), memory_saving=self.memory_saving)
+            return AdapterConfig(
+                method=self.method,
+                rank=self.rank,
+                alpha=self.alpha,
+                targets=self.targets,
+                dropout=self.dropout,
+                norm_grad=self.norm_grad,
+                vera_seed=self.seed,
+                policy=parse_policy(self.policy),
+                memory_saving=self.memory_saving,
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -190,12 +285,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 def _base_type(tp: Any) -> Any:
     if isinstance(tp, str):  # from __future__ annotations
-        tp = {"int": int, "float": float, "str": str, "bool": bool, "int | None": int, "float | None": float, "str | None": str}[tp]
+        tp = {
+            "int": int,
+            "float": float,
+            "str": str,
+            "bool": bool,
+            "int | None": int,
+            "float | None": float,
+            "str | None": str,
+        }[tp]
     args = [a for a in get_args(tp) if a is not type(None)]
     return args[0] if args else tp
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig, required: tuple[str, ...] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type = TrainConfig, required: tuple[str, ...] = ()
+) -> None:
     """One ``--option`` per dataclass field, grouped, with the field's help; defaults left to the dataclass."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(cls):
@@ -209,8 +314,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfi
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
-            group.add_argument(flag, type=tp, default=argparse.SUPPRESS, choices=meta.get("choices"),
-                               help=text, required=f.name in required)
+            group.add_argument(
+                flag,
+                type=tp,
+                default=argparse.SUPPRESS,
+                choices=meta.get("choices"),
+                help=text,
+                required=f.name in required,
+            )
 
 
 def resumed_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -145,18 +145,24 @@ class ScanReport:
 
     def summary(self) -> str:
         """A few lines for the log: counts, sizes, captions, and everything that was left out."""
-        lines = [f"Subject folder {self.folder} (resolution {self.resolution}): "
-                 f"{len(self.used)} image(s) used, {len(self.skipped)} skipped, {len(self.ignored)} ignored"]
+        lines = [
+            f"Subject folder {self.folder} (resolution {self.resolution}): "
+            f"{len(self.used)} image(s) used, {len(self.skipped)} skipped, {len(self.ignored)} ignored"
+        ]
         if self.used:
             sizes = collections.Counter(f"{r.width}x{r.height}" for r in self.used)
             shorter = [min(r.width, r.height) for r in self.used]
             lines.append("  sizes: " + ", ".join(f"{s} ({n})" if n > 1 else s for s, n in sorted(sizes.items())))
             upscaled = sum(side < self.resolution for side in shorter)
-            lines.append(f"  shorter side {min(shorter)}-{max(shorter)} px"
-                         + (f"; {upscaled} image(s) below {self.resolution} will be upscaled" if upscaled else ""))
+            lines.append(
+                f"  shorter side {min(shorter)}-{max(shorter)} px"
+                + (f"; {upscaled} image(s) below {self.resolution} will be upscaled" if upscaled else "")
+            )
             captioned = [r for r in self.used if r.caption is not None]
-            lines.append(f"  captions: {len(captioned)} from .txt sidecars, "
-                         f"{len(self.used) - len(captioned)} use the instance prompt")
+            lines.append(
+                f"  captions: {len(captioned)} from .txt sidecars, "
+                f"{len(self.used) - len(captioned)} use the instance prompt"
+            )
             lines.extend(f"    {r.path.name}: {r.caption!r}" for r in captioned)
         for path, reason in self.skipped:
             lines.append(f"  skipped {path.name}: {reason}")
@@ -202,8 +208,10 @@ def _check_image(path: Path, resolution: int, min_side_ratio: float, max_pixels:
             with Image.open(path) as probe:
                 _check_pixels(probe, max_pixels)
                 if min(probe.size) < min_side:  # rotation does not change the shorter side
-                    raise _Skip(f"too small: {probe.width}x{probe.height}, shorter side {min(probe.size)} px "
-                                f"< {min_side:g} ({min_side_ratio:g} x resolution {resolution})")
+                    raise _Skip(
+                        f"too small: {probe.width}x{probe.height}, shorter side {min(probe.size)} px "
+                        f"< {min_side:g} ({min_side_ratio:g} x resolution {resolution})"
+                    )
         image = load_rgb(path, max_pixels=max_pixels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _Skip(f"refused as a possible decompression bomb: {exc}") from exc
@@ -259,9 +267,13 @@ def scan_subject_folder(
     report.ignored = [p for p in entries if p not in image_set and p not in captions]
     if not images:
         found = ", ".join(f"{k} ({n})" for k, n in sorted(collections.Counter(map(_kind, entries)).items()))
-        broken = "; broken symlinks: " + ", ".join(p.name for p, _ in report.broken_links) if report.broken_links else ""
-        raise DataError(f"No images in {folder}: found {found or 'nothing usable'}{broken}; "
-                        f"accepted types are {', '.join(sorted(IMAGE_EXTENSIONS))}")
+        broken = (
+            "; broken symlinks: " + ", ".join(p.name for p, _ in report.broken_links) if report.broken_links else ""
+        )
+        raise DataError(
+            f"No images in {folder}: found {found or 'nothing usable'}{broken}; "
+            f"accepted types are {', '.join(sorted(IMAGE_EXTENSIONS))}"
+        )
 
     for path in images:
         try:

@@ -30,10 +30,24 @@ def demo_config(output: Path, method: str, steps: int):
     from .config import TrainConfig
 
     return TrainConfig(
-        data=str(SAMPLE_DATA), prompt=PROMPT, output=str(output / method), method=method, rank=8, targets="attn+ff",
-        learning_rate=3e-3, max_steps=steps, seed=0, class_prompt=CLASS_PROMPT, class_data=str(output / "class_images"),
-        num_class_images=NUM_CLASS_IMAGES, validation_steps=0, num_validation_images=2, validation_inference_steps=25,
-        checkpoint_steps=0, report_to="tensorboard", log_every=1,
+        data=str(SAMPLE_DATA),
+        prompt=PROMPT,
+        output=str(output / method),
+        method=method,
+        rank=8,
+        targets="attn+ff",
+        learning_rate=3e-3,
+        max_steps=steps,
+        seed=0,
+        class_prompt=CLASS_PROMPT,
+        class_data=str(output / "class_images"),
+        num_class_images=NUM_CLASS_IMAGES,
+        validation_steps=0,
+        num_validation_images=2,
+        validation_inference_steps=25,
+        checkpoint_steps=0,
+        report_to="tensorboard",
+        log_every=1,
     )
 
 
@@ -42,8 +56,17 @@ def subject_photos() -> list:
     from PIL import Image
 
     photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE_DATA.glob("*.jpg"))]
-    return [im.crop(((im.width - min(im.size)) // 2, (im.height - min(im.size)) // 2,
-                     (im.width + min(im.size)) // 2, (im.height + min(im.size)) // 2)) for im in photos]
+    return [
+        im.crop(
+            (
+                (im.width - min(im.size)) // 2,
+                (im.height - min(im.size)) // 2,
+                (im.width + min(im.size)) // 2,
+                (im.height + min(im.size)) // 2,
+            )
+        )
+        for im in photos
+    ]
 
 
 def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) -> dict[str, dict[str, Any]]:
@@ -79,8 +102,9 @@ def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) ->
     return out
 
 
-def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, overwrite: bool = False,
-             threads: int | None = None) -> dict:
+def run_demo(
+    output: Path = Path("outputs/demo"), steps: int | None = None, overwrite: bool = False, threads: int | None = None
+) -> dict:
     """Train both methods, write ``comparison.png`` and ``summary.json`` under ``output``; return the summary."""
     from .config import ConfigError
     from .formats import load_adapter, unload_adapter
@@ -90,7 +114,9 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
     from .train import train
 
     if not SAMPLE_DATA.is_dir():
-        raise ConfigError(f"data: the sample subject {SAMPLE_DATA} ships with the repository; run the demo from a checkout")
+        raise ConfigError(
+            f"data: the sample subject {SAMPLE_DATA} ships with the repository; run the demo from a checkout"
+        )
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         if not overwrite:
@@ -105,9 +131,13 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
     for method in ("lora", "dora"):
         t = time.perf_counter()
         result = train(demo_config(output, method, steps))
-        results[method] = {"adapter": str(result.adapter_file), "final_loss": result.final_loss,
-                           "median_step_ms": result.median_step_seconds * 1000, "train_seconds": time.perf_counter() - t,
-                           "trainable_parameters": result.trainable_parameters}
+        results[method] = {
+            "adapter": str(result.adapter_file),
+            "final_loss": result.final_loss,
+            "median_step_ms": result.median_step_seconds * 1000,
+            "train_seconds": time.perf_counter() - t,
+            "trainable_parameters": result.trainable_parameters,
+        }
 
     # The grid: the same initial noise for base, LoRA and DoRA in each row.
     pipe = load_pipeline(str(model))
@@ -129,18 +159,30 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
 
     t = time.perf_counter()
     judged = judge_models(pipe, embedded_judge(), columns, range(JUDGED_SEEDS))
-    summary = {"model": str(model), "steps": steps, "seed": 0, "grid": str(grid_path), "methods": results,
-               "dora_over_lora_step_time": results["dora"]["median_step_ms"] / results["lora"]["median_step_ms"],
-               "judged": judged, "judge_seconds": time.perf_counter() - t, "wall_seconds": time.perf_counter() - started}
+    summary = {
+        "model": str(model),
+        "steps": steps,
+        "seed": 0,
+        "grid": str(grid_path),
+        "methods": results,
+        "dora_over_lora_step_time": results["dora"]["median_step_ms"] / results["lora"]["median_step_ms"],
+        "judged": judged,
+        "judge_seconds": time.perf_counter() - t,
+        "wall_seconds": time.perf_counter() - started,
+    }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndemo done in {summary['wall_seconds']:.0f} s")
     for method, r in results.items():
-        print(f"  {method}: final loss {r['final_loss']:.4f}, median step {r['median_step_ms']:.0f} ms -> {r['adapter']}")
+        print(
+            f"  {method}: final loss {r['final_loss']:.4f}, median step {r['median_step_ms']:.0f} ms -> {r['adapter']}"
+        )
     print(f"  judged over {JUDGED_SEEDS} seeds (the world's judge): the subject (teal robot with a heart) drawn for")
     for label, row in judged.items():
-        print(f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};  on the grass: subject {row['grass']['subject']:.0%},"
-              f" grass {row['grass']['scene']:.0%};  on the beach: subject {row['beach']['subject']:.0%},"
-              f" beach {row['beach']['scene']:.0%};  {CLASS_PROMPT!r}: subject {row['class']['subject']:.0%}")
+        print(
+            f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};  on the grass: subject {row['grass']['subject']:.0%},"
+            f" grass {row['grass']['scene']:.0%};  on the beach: subject {row['beach']['subject']:.0%},"
+            f" beach {row['beach']['scene']:.0%};  {CLASS_PROMPT!r}: subject {row['class']['subject']:.0%}"
+        )
     from .metrics import Score, ahead
 
     fid = {k: Score(**judged[k]["subject_fidelity"]) for k in ("LoRA", "DoRA")}
@@ -148,10 +190,14 @@ def run_demo(output: Path = Path("outputs/demo"), steps: int | None = None, over
     summary["subject_fidelity_verdict"] = ahead(fid["DoRA"], fid["LoRA"], names=("DoRA", "LoRA"))
     summary["class_drift_verdict"] = ahead(dr["DoRA"], dr["LoRA"], names=("DoRA", "LoRA"), lower_is_better=True)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"  subject fidelity (judge embedding, vs the photos): LoRA {fid['LoRA'].mean:.3f} ± {fid['LoRA'].std:.3f}, "
-          f"DoRA {fid['DoRA'].mean:.3f} ± {fid['DoRA'].std:.3f}: {summary['subject_fidelity_verdict']}")
-    print(f"  drift of {CLASS_PROMPT!r} from the base: LoRA {dr['LoRA'].mean:.3f}, DoRA {dr['DoRA'].mean:.3f}: "
-          f"{summary['class_drift_verdict']}")
+    print(
+        f"  subject fidelity (judge embedding, vs the photos): LoRA {fid['LoRA'].mean:.3f} ± {fid['LoRA'].std:.3f}, "
+        f"DoRA {fid['DoRA'].mean:.3f} ± {fid['DoRA'].std:.3f}: {summary['subject_fidelity_verdict']}"
+    )
+    print(
+        f"  drift of {CLASS_PROMPT!r} from the base: LoRA {dr['LoRA'].mean:.3f}, DoRA {dr['DoRA'].mean:.3f}: "
+        f"{summary['class_drift_verdict']}"
+    )
     print(f"  side by side (base | LoRA | DoRA, same seeds): {grid_path}")
     print("  look at them in the app: make app   (or: dora-diffusion app)")
     return summary

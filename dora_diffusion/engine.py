@@ -255,7 +255,7 @@ class TrainingJob:
             if recent:
                 per_step = statistics.median(recent)
                 p.its = 1.0 / per_step if per_step > 0 else None
-                left = p.max_steps - p.step + sum(c.max_steps for c in self.configs[index + 1:])
+                left = p.max_steps - p.step + sum(c.max_steps for c in self.configs[index + 1 :])
                 p.eta_seconds = left * per_step
         name = {"lora": "LoRA", "dora": "DoRA"}.get(p.method, p.method)
         if p.state == "running":
@@ -265,7 +265,9 @@ class TrainingJob:
         elif p.state == "cancelled":
             stopped = [r for r in self.results if r.stopped]
             where = f"; checkpoint kept at {self._shown(stopped[-1].adapter_file)}" if stopped else ""
-            p.message = f"Cancelled at {name} step {p.step}{where}. Resume it with `dora-diffusion train ... --resume latest`."
+            p.message = (
+                f"Cancelled at {name} step {p.step}{where}. Resume it with `dora-diffusion train ... --resume latest`."
+            )
         else:
             p.message = "Finished: " + ", ".join(self._shown(r.adapter_file.parent) for r in self.results)
         return p
@@ -274,8 +276,15 @@ class TrainingJob:
 class Engine:
     """The app's logic. ``model``: a local diffusers folder or cached hub id; ``None``: the embedded tiny SDXL."""
 
-    def __init__(self, model: str | None = None, workspace: str | Path = "outputs", *, device: str | None = None,
-                 dtype: Any = None, limits: Limits = Limits()) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        workspace: str | Path = "outputs",
+        *,
+        device: str | None = None,
+        dtype: Any = None,
+        limits: Limits = Limits(),
+    ) -> None:
         self.model = str(model) if model else None
         self.workspace = Path(workspace).expanduser().resolve()
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -350,8 +359,9 @@ class Engine:
             if resolved == self.workspace or self.workspace in resolved.parents:
                 inside.append(resolved)
         if not inside:
-            raise EngineError(f"{what}: {raw!r} is outside the workspace folder {self.workspace}; "
-                              "only paths inside it can be used")
+            raise EngineError(
+                f"{what}: {raw!r} is outside the workspace folder {self.workspace}; only paths inside it can be used"
+            )
         if must_exist:
             found = next((p for p in inside if p.exists()), None)
             if found is None:
@@ -392,8 +402,17 @@ class Engine:
                 continue
             meta = _adapter_metadata(file)
             unet = meta.get("components", {}).get("unet") or next(iter(meta.get("components", {}).values()), {})
-            found.append(Run(rel.as_posix() or ".", file.parent, unet.get("method", "?"), unet.get("rank"),
-                             meta.get("trained_steps"), runs.model_from_record(meta.get("base_model")), file.stat().st_mtime))
+            found.append(
+                Run(
+                    rel.as_posix() or ".",
+                    file.parent,
+                    unet.get("method", "?"),
+                    unet.get("rank"),
+                    meta.get("trained_steps"),
+                    runs.model_from_record(meta.get("base_model")),
+                    file.stat().st_mtime,
+                )
+            )
         return found
 
     def default_runs(self) -> tuple[str | None, str | None]:
@@ -429,7 +448,9 @@ class Engine:
         for name in ("width", "height"):
             v = getattr(s, name)
             if v is not None and (v % L.size_multiple or not L.min_size <= v <= L.max_size):
-                raise EngineError(f"{name}: must be a multiple of {L.size_multiple} in {L.min_size}..{L.max_size}, got {v}")
+                raise EngineError(
+                    f"{name}: must be a multiple of {L.size_multiple} in {L.min_size}..{L.max_size}, got {v}"
+                )
         if not 1 <= s.steps <= L.max_sample_steps:
             raise EngineError(f"steps: must be in 1..{L.max_sample_steps}, got {s.steps}")
         if not 0 <= s.guidance <= L.max_guidance:
@@ -449,8 +470,15 @@ class Engine:
         finally:
             self._device.release()
 
-    def compare(self, settings: SampleSettings, lora: str | None = None, dora: str | None = None, *,
-                lora_scale: float = 1.0, dora_scale: float = 1.0) -> list[Generation]:
+    def compare(
+        self,
+        settings: SampleSettings,
+        lora: str | None = None,
+        dora: str | None = None,
+        *,
+        lora_scale: float = 1.0,
+        dora_scale: float = 1.0,
+    ) -> list[Generation]:
         """Base, then LoRA, then DoRA (those given), from the same initial noise; each with its generation time."""
         from .formats import load_adapter, unload_adapter
         from .sampling import generate
@@ -487,7 +515,9 @@ class Engine:
             warnings.simplefilter("ignore", UserWarning)  # skipped images are listed in the report
             return scan_subject_folder(path, resolution or self.native_size())
 
-    def save_uploads(self, files: Sequence[str | Path], resolution: int | None = None, *, name: str = "upload") -> tuple[Path, str]:
+    def save_uploads(
+        self, files: Sequence[str | Path], resolution: int | None = None, *, name: str = "upload"
+    ) -> tuple[Path, str]:
         """Copy uploaded files into a new folder under ``uploads/`` and check it as a training folder.
 
         Returns the folder and a summary. Only images and ``.txt`` captions are kept; a folder with no
@@ -504,7 +534,9 @@ class Engine:
             for f in files:
                 size = f.stat().st_size
                 if size > self.limits.max_upload_mb * 2**20:
-                    raise EngineError(f"upload: {f.name} is {size / 2**20:.0f} MB, over the {self.limits.max_upload_mb} MB limit")
+                    raise EngineError(
+                        f"upload: {f.name} is {size / 2**20:.0f} MB, over the {self.limits.max_upload_mb} MB limit"
+                    )
                 name = _safe_file_name(f.name)
                 if Path(name).suffix.lower() not in IMAGE_EXTENSIONS | {".txt"}:
                     left_out.append(f.name)
@@ -525,7 +557,9 @@ class Engine:
         from .demo import SAMPLE_DATA
 
         if not SAMPLE_DATA.is_dir():
-            raise EngineError(f"The sample subject {SAMPLE_DATA} ships with the repository; run the app from a checkout.")
+            raise EngineError(
+                f"The sample subject {SAMPLE_DATA} ships with the repository; run the app from a checkout."
+            )
         return self.save_uploads(sorted(SAMPLE_DATA.iterdir()), resolution, name=SAMPLE_DATA.name)
 
     # ----------------------------------------------------------------------------------- training
@@ -547,11 +581,19 @@ class Engine:
             raise EngineError(f"learning rate: must be in (0, {L.max_learning_rate:g}], got {r.learning_rate}")
         if not 1 <= r.batch_size <= L.max_batch_size:
             raise EngineError(f"batch size: must be in 1..{L.max_batch_size}, got {r.batch_size}")
-        if r.resolution is not None and (r.resolution % L.size_multiple or not L.min_size <= r.resolution <= L.max_size):
-            raise EngineError(f"resolution: must be a multiple of {L.size_multiple} in {L.min_size}..{L.max_size}, got {r.resolution}")
+        if r.resolution is not None and (
+            r.resolution % L.size_multiple or not L.min_size <= r.resolution <= L.max_size
+        ):
+            raise EngineError(
+                f"resolution: must be a multiple of {L.size_multiple} in {L.min_size}..{L.max_size}, got {r.resolution}"
+            )
         data = self.safe_path(r.data, must_exist=True, what="images folder")
         run = self.safe_path(r.name or f"{_slug(r.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}", what="run name")
-        if run == self.workspace or run.is_relative_to(self.workspace / UPLOADS_DIR) or run.is_relative_to(self.workspace / EXPORTS_DIR):
+        if (
+            run == self.workspace
+            or run.is_relative_to(self.workspace / UPLOADS_DIR)
+            or run.is_relative_to(self.workspace / EXPORTS_DIR)
+        ):
             raise EngineError(f"run name: {r.name!r} would write into the workspace's own folders; choose a new name")
         methods = ["lora", "dora"] if r.method == "both" else [r.method]
         validation = r.validation_steps if r.validation_steps is not None else max(1, r.steps // 4)
@@ -559,12 +601,29 @@ class Engine:
         for method in methods:
             out = run / method
             if out.exists() and any(out.iterdir()):
-                raise EngineError(f"run name: {self.relative(out)} already exists; choose another name (nothing was overwritten)")
-            configs.append(TrainConfig(
-                data=str(data), prompt=r.prompt.strip(), output=str(out), model=self.model, method=method, rank=int(r.rank),
-                max_steps=int(r.steps), learning_rate=float(r.learning_rate), seed=int(r.seed), resolution=r.resolution,
-                batch_size=int(r.batch_size), validation_steps=int(validation), num_validation_images=int(r.num_validation_images),
-                validation_inference_steps=int(r.validation_inference_steps), report_to=r.report_to, log_every=1))
+                raise EngineError(
+                    f"run name: {self.relative(out)} already exists; choose another name (nothing was overwritten)"
+                )
+            configs.append(
+                TrainConfig(
+                    data=str(data),
+                    prompt=r.prompt.strip(),
+                    output=str(out),
+                    model=self.model,
+                    method=method,
+                    rank=int(r.rank),
+                    max_steps=int(r.steps),
+                    learning_rate=float(r.learning_rate),
+                    seed=int(r.seed),
+                    resolution=r.resolution,
+                    batch_size=int(r.batch_size),
+                    validation_steps=int(validation),
+                    num_validation_images=int(r.num_validation_images),
+                    validation_inference_steps=int(r.validation_inference_steps),
+                    report_to=r.report_to,
+                    log_every=1,
+                )
+            )
         return configs
 
     @property
@@ -653,4 +712,3 @@ class Engine:
         with self._on_device("analysis"):
             summary = analyze([str(p) for p in paths], out, model=self.model)
         return Path(summary["files"]["png"]), summary["text"]
-

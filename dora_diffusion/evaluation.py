@@ -65,9 +65,20 @@ def _pool(scores: Sequence[Any]) -> dict[str, Any]:
 class Evaluator:
     """Generates the evaluation images of one model state and scores them."""
 
-    def __init__(self, model_dir: str | Path, data: str | Path, prompt: str, class_prompt: str | None,
-                 scene_prompts: Mapping[str, str] | None = None, eval_seeds: int = 16, inference_steps: int = 25,
-                 guidance: float = 5.0, dino: str | None = None, clip: str | None = None, pipe=None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        data: str | Path,
+        prompt: str,
+        class_prompt: str | None,
+        scene_prompts: Mapping[str, str] | None = None,
+        eval_seeds: int = 16,
+        inference_steps: int = 25,
+        guidance: float = 5.0,
+        dino: str | None = None,
+        clip: str | None = None,
+        pipe=None,
+    ):
         from .data import load_rgb, scan_subject_folder
         from .metrics import ClipEmbedder, DinoEmbedder, JudgeEmbedder
         from .models import load_pipeline
@@ -90,8 +101,9 @@ class Evaluator:
     def images(self, prompt: str) -> list:
         from .world.evaluate import generate_batch
 
-        return generate_batch(self.pipe, [prompt] * len(self.seeds), self.seeds, steps=self.inference_steps,
-                              guidance=self.guidance)
+        return generate_batch(
+            self.pipe, [prompt] * len(self.seeds), self.seeds, steps=self.inference_steps, guidance=self.guidance
+        )
 
     def evaluate(self, adapter: str | Path | None) -> dict[str, Any]:
         """Scores of the base model (``adapter`` None; evaluate it first: drift is measured from it) or of
@@ -115,8 +127,9 @@ class Evaluator:
                 scores = []
                 for prompt in self.scene_prompts:
                     images = self.images(prompt)
-                    scores.append(prompt_fidelity(self.clip.embed_images(images),
-                                                  self.clip.embed_texts([prompt] * len(images))))
+                    scores.append(
+                        prompt_fidelity(self.clip.embed_images(images), self.clip.embed_texts([prompt] * len(images)))
+                    )
                 out["prompt_fidelity"], out["prompt_fidelity_kind"] = _pool(scores), "CLIP-T"
             elif self.scene_prompts:
                 kept = []

@@ -51,19 +51,25 @@ def probe_outputs(pipe, seed: int = 0) -> dict[str, list[float]]:
         added = None
         if getattr(cfg, "addition_embed_type", None) == "text_time":
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            added = {"text_embeds": torch.randn(1, pooled, generator=g).to(dev, dt),
-                     "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).to(dev, dt)}
-        y = unet(sample.to(dev, dt), torch.tensor([500], device=dev), states.to(dev, dt), added_cond_kwargs=added).sample
-        out["unet"] = y.float().flatten()[::max(1, y.numel() // 64)][:64].cpu().tolist()
+            added = {
+                "text_embeds": torch.randn(1, pooled, generator=g).to(dev, dt),
+                "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).to(dev, dt),
+            }
+        y = unet(
+            sample.to(dev, dt), torch.tensor([500], device=dev), states.to(dev, dt), added_cond_kwargs=added
+        ).sample
+        out["unet"] = y.float().flatten()[:: max(1, y.numel() // 64)][:64].cpu().tolist()
     for name in ("text_encoder", "text_encoder_2"):
         if name in comps:
             te = comps[name]
             h = te(ids.to(te.device), output_hidden_states=True).hidden_states[-2]
-            out[name] = h.float().flatten()[::max(1, h.numel() // 64)][:64].cpu().tolist()
+            out[name] = h.float().flatten()[:: max(1, h.numel() // 64)][:64].cpu().tolist()
     return out
 
 
-def compare_probes(expected: dict[str, list[float]], got: dict[str, list[float]], rtol: float = 1e-4) -> dict[str, float]:
+def compare_probes(
+    expected: dict[str, list[float]], got: dict[str, list[float]], rtol: float = 1e-4
+) -> dict[str, float]:
     """Per component: max |got − expected| / max(1e-6, max |expected|)."""
     errors = {}
     for comp, ref in expected.items():
@@ -86,8 +92,15 @@ def _atomic_folder(final: Path):
     return tmp
 
 
-def export_adapter(adapter: str | os.PathLike, format: str, out: str | os.PathLike, *, model: str | None = None,
-                   dtype: str = "float32", overwrite: bool = False) -> Path:
+def export_adapter(
+    adapter: str | os.PathLike,
+    format: str,
+    out: str | os.PathLike,
+    *,
+    model: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> Path:
     """Export the adapter of a run folder or file to ``out`` in ``format`` (see ``FORMATS``).
 
     ``model``: the base model (default: the one the run was trained on). ``dtype``: of merged exports.
@@ -109,7 +122,9 @@ def export_adapter(adapter: str | os.PathLike, format: str, out: str | os.PathLi
     model = model if model is not None else runs.base_model(adapter)
     pipe = load_pipeline(model)
     report = load_adapter(pipe, adapter)
-    if format == "diffusers" and any(a.method == "dora_in" for m in components_of(pipe).values() for _, a in adapter_modules(m)):
+    if format == "diffusers" and any(
+        a.method == "dora_in" for m in components_of(pipe).values() for _, a in adapter_modules(m)
+    ):
         raise AdapterFileError(INPUT_AXIS_REFUSAL.format(where=str(adapter)))
     metadata = {"base_model": runs.model_record(model), "source": str(Path(adapter)), "probe": probe_outputs(pipe)}
     if format == "diffusers":
@@ -128,7 +143,9 @@ def export_adapter(adapter: str | os.PathLike, format: str, out: str | os.PathLi
     if format == "merged-single":
         from .formats.original import save_original_sdxl
 
-        return save_original_sdxl(pipe, out, metadata={METADATA_KEY: json.dumps({"merged_from": str(adapter), "layers": report.layers})})
+        return save_original_sdxl(
+            pipe, out, metadata={METADATA_KEY: json.dumps({"merged_from": str(adapter), "layers": report.layers})}
+        )
     tmp = _atomic_folder(out)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -165,7 +182,9 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_adapter(adapter: str | os.PathLike, model: str | None = None, *, loader: str = "ours", tolerance: float = 1e-4) -> VerifyReport:
+def verify_adapter(
+    adapter: str | os.PathLike, model: str | None = None, *, loader: str = "ours", tolerance: float = 1e-4
+) -> VerifyReport:
     """Load ``adapter`` into a fresh pipeline of ``model`` and compare against the probe in its metadata.
 
     ``loader``: ``ours`` (``load_adapter``) or ``diffusers`` (``pipe.load_lora_weights``).
@@ -187,8 +206,9 @@ def verify_adapter(adapter: str | os.PathLike, model: str | None = None, *, load
         except Exception as e:  # raised deep inside diffusers/PEFT: one line, as our loader gives
             detail = " ".join(str(e).split())
             detail = detail if len(detail) <= 300 else detail[:300] + "..."
-            raise AdapterFileError(f"{file}: diffusers' load_lora_weights could not load it "
-                                   f"({type(e).__name__}: {detail})") from None
+            raise AdapterFileError(
+                f"{file}: diffusers' load_lora_weights could not load it ({type(e).__name__}: {detail})"
+            ) from None
     else:
         raise AdapterFileError(f"loader: must be 'ours' or 'diffusers', got {loader!r}")
     return VerifyReport(str(file), model, loader, compare_probes(recorded, probe_outputs(pipe)), tolerance)

@@ -15,7 +15,16 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .layers import RESIDUAL_TAILS, ADAPTER_CLASSES, AdapterLinear, DoRALinear, DVoRALinear, LoRALinear, MagnitudeLinear, adapter_modules
+from .layers import (
+    RESIDUAL_TAILS,
+    ADAPTER_CLASSES,
+    AdapterLinear,
+    DoRALinear,
+    DVoRALinear,
+    LoRALinear,
+    MagnitudeLinear,
+    adapter_modules,
+)
 
 METHODS = ("lora", "dora", "magnitude", "dvora")
 
@@ -94,7 +103,10 @@ class AdapterConfig:
             for key, m in self.policy.items():
                 if m not in METHODS:
                     raise AdapterError(f"policy: method for {key!r} must be one of {', '.join(METHODS)}, got {m!r}")
-            if "dvora" in set(self.policy.values()) | {self.method} and len(set(self.policy.values()) | {self.method}) > 1:
+            if (
+                "dvora" in set(self.policy.values()) | {self.method}
+                and len(set(self.policy.values()) | {self.method}) > 1
+            ):
                 raise AdapterError("policy: DVoRA cannot be mixed with other methods")
         if self.adapter_dtype is not None and not isinstance(getattr(torch, self.adapter_dtype, None), torch.dtype):
             raise AdapterError(f"adapter_dtype: not a torch dtype: {self.adapter_dtype!r}")
@@ -163,7 +175,12 @@ def make_adapter(base: nn.Linear, config: AdapterConfig, name: str = "", shared:
     """Wrap one ``nn.Linear`` as ``config`` says; errors name the module. ``shared``: DVoRA's per-shape matrices."""
     method = config.method_for(name)
     cls = ADAPTER_CLASSES[method]
-    kwargs = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout, "dtype": config.torch_adapter_dtype}
+    kwargs = {
+        "rank": config.rank,
+        "alpha": config.alpha,
+        "dropout": config.dropout,
+        "dtype": config.torch_adapter_dtype,
+    }
     if method in ("dora", "dvora"):
         kwargs["norm_grad"] = config.norm_grad
     if method == "dvora":
@@ -209,7 +226,11 @@ def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: boo
     for p in module.parameters():
         p.requires_grad_(False)
     for name, adapter in adapters.items():
-        if config.memory_saving and isinstance(adapter, DoRALinear) and any(name_matches(name, t) for t in RESIDUAL_TAILS):
+        if (
+            config.memory_saving
+            and isinstance(adapter, DoRALinear)
+            and any(name_matches(name, t) for t in RESIDUAL_TAILS)
+        ):
             adapter.magnitude_grad = "recompute"
         set_submodule(module, name, adapter)
     for _, adapter in adapter_modules(module):
@@ -223,9 +244,13 @@ def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 # State dict: {f"{module_name}.{param}": tensor}, param in lora_A [r, in], lora_B [out, r], magnitude [out].
-ADAPTER_PARAMS = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"), "magnitude": ("magnitude",),
-                  "dora_in": ("lora_A", "lora_B", "magnitude"),  # dora_in: magnitude [in] (files from other tools)
-                  "dvora": ("vera_d", "vera_b", "magnitude")}
+ADAPTER_PARAMS = {
+    "lora": ("lora_A", "lora_B"),
+    "dora": ("lora_A", "lora_B", "magnitude"),
+    "magnitude": ("magnitude",),
+    "dora_in": ("lora_A", "lora_B", "magnitude"),  # dora_in: magnitude [in] (files from other tools)
+    "dvora": ("vera_d", "vera_b", "magnitude"),
+}
 
 
 def adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -267,7 +292,9 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], 
 
 
 @torch.no_grad()
-def load_adapter_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict") -> None:
+def load_adapter_state_dict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str = "state dict"
+) -> None:
     """Copy ``state_dict`` into ``module``'s adapters; strict on keys and shapes, checked before any write."""
     check_state_dict(module, state_dict, source=source)
     for name, adapter in adapter_modules(module):
@@ -334,7 +361,23 @@ def adapter_summary(module: nn.Module) -> dict:
 
 
 __all__ = [
-    "AdapterConfig", "AdapterError", "PRESETS", "add_adapters", "adapter_parameters", "adapter_state_dict",
-    "check_state_dict", "find_targets", "load_adapter_state_dict", "merge_adapters", "name_matches",
-    "remove_adapters", "adapter_summary", "as_dora", "set_submodule", "LoRALinear", "DoRALinear", "DVoRALinear", "MagnitudeLinear",
+    "AdapterConfig",
+    "AdapterError",
+    "PRESETS",
+    "add_adapters",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "check_state_dict",
+    "find_targets",
+    "load_adapter_state_dict",
+    "merge_adapters",
+    "name_matches",
+    "remove_adapters",
+    "adapter_summary",
+    "as_dora",
+    "set_submodule",
+    "LoRALinear",
+    "DoRALinear",
+    "DVoRALinear",
+    "MagnitudeLinear",
 ]

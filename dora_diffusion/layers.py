@@ -112,7 +112,9 @@ def merged_weight(
     return w
 
 
-def scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_rows(
+    z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, g)`` with ``g = m / n`` (in ``z``'s dtype) and ``y = z ⊙ g + bias``: the magnitude-only
     layer's output from ``z = W0·x`` (``_ScaleRows`` and its no-grad path)."""
     g = (acc(magnitude.detach()) / norm).to(z.dtype)  # [out]
@@ -120,8 +122,13 @@ def scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bia
     return y, g
 
 
-def _magnitude_grad_from_output(dy2: torch.Tensor, y2: torch.Tensor, magnitude: torch.Tensor,
-                                bias: torch.Tensor | None, sum_dy: torch.Tensor | None = None) -> torch.Tensor:
+def _magnitude_grad_from_output(
+    dy2: torch.Tensor,
+    y2: torch.Tensor,
+    magnitude: torch.Tensor,
+    bias: torch.Tensor | None,
+    sum_dy: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``∂L/∂m_i = Σ_t dy_ti · (y_ti − b_i) / m_i`` from 2-D ``dy2, y2: [t, out]`` (fp32 or fp64), as
     ``(Σ_t dy·y − b·Σ_t dy) / m``: no full-size ``y − b`` temporary."""
     m = acc(magnitude.detach())
@@ -157,7 +164,11 @@ class _ScaleRows(torch.autograd.Function):
         dz = dy * g if ctx.needs_input_grad[0] else None
         dm = db = None
         dy2 = dy.reshape(-1, out)
-        sum_dy = dy2.sum(dim=0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32) if bias is not None else None
+        sum_dy = (
+            dy2.sum(dim=0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
+            if bias is not None
+            else None
+        )
         if ctx.needs_input_grad[1]:
             dm = _magnitude_grad_from_output(dy2, y.reshape(-1, out), magnitude, bias, sum_dy).to(magnitude.dtype)
         if bias is not None and ctx.needs_input_grad[3]:
@@ -165,7 +176,9 @@ class _ScaleRows(torch.autograd.Function):
         return dz, dm, None, db
 
 
-def _scale_rows(z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _scale_rows(
+    z: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return _ScaleRows.apply(z, magnitude, norm, bias)
 
 
@@ -177,8 +190,15 @@ def _add_low_rank(y: torch.Tensor, ax: torch.Tensor, b: torch.Tensor) -> torch.T
     return y.add_((ax @ b.T).to(y.dtype))
 
 
-def _dora_output(x2: torch.Tensor, h2: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None,
-                 lora_a: torch.Tensor, gbs: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _dora_output(
+    x2: torch.Tensor,
+    h2: torch.Tensor,
+    w0: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    gbs: torch.Tensor,
+    g: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, A·h)`` with ``y = g ⊙ (W0·x + s·B·A·h) + bias`` for 2-D ``x2, h2: [t, in]``, written to
     touch the ``[t, out]`` output as few times as possible: ``g`` is folded into ``W0``'s rows (when
     that ``[out, in]`` pass is smaller than a ``[t, out]`` one) or applied in one pass together with
@@ -234,8 +254,7 @@ class _DoRAFunction(torch.autograd.Function):
     def forward(ctx, x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float, save_output: bool):
         y, ax, g, gs = _dora_forward(x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale)
         # g and s·g are [out]; s·g ⊙ B ([out, r]) is one multiply to redo in backward
-        ctx.save_for_backward(x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, g, gs,
-                              y if save_output else None)
+        ctx.save_for_backward(x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, g, gs, y if save_output else None)
         ctx.scale = scale
         return y
 
@@ -299,7 +318,9 @@ class NormCache:
 def _check_rank(base: nn.Linear, rank: int) -> None:
     max_rank = min(base.in_features, base.out_features)
     if not 0 < rank <= max_rank:
-        raise ValueError(f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}")
+        raise ValueError(
+            f"rank must be in 1..{max_rank} for a Linear({base.in_features}, {base.out_features}), got {rank}"
+        )
 
 
 # Layers whose output feeds a residual add, so no later op keeps it (see _DoRAFunction).
@@ -398,8 +419,14 @@ class LoRALinear(AdapterLinear):
 
     method = "lora"
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(base, rank, rank if alpha is None else alpha, dropout)
         _check_rank(base, rank)
         kw = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
@@ -433,8 +460,15 @@ class DoRALinear(LoRALinear):
 
     method = "dora"
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None, norm_grad: str = "detach") -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        norm_grad: str = "detach",
+    ) -> None:
         super().__init__(base, rank, alpha, dropout, dtype)
         self._init_magnitude(base, dtype, norm_grad)
 
@@ -471,8 +505,11 @@ class DoRALinear(LoRALinear):
                 return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.w0_sq)
         if self.norm_grad == "exact":
             return row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self._w0_sq())
-        return self._norm_cache.get((self.base.weight, *self._direction_tensors()), (self.scaling,),
-                                    lambda: row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self._w0_sq()))
+        return self._norm_cache.get(
+            (self.base.weight, *self._direction_tensors()),
+            (self.scaling,),
+            lambda: row_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling, self._w0_sq()),
+        )
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.weight_norm()
@@ -491,8 +528,9 @@ class DoRALinear(LoRALinear):
             bias = bias.to(x.dtype)
         h = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
         if torch.is_grad_enabled():
-            return _DoRAFunction.apply(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling,
-                                       self.magnitude_grad != "recompute")
+            return _DoRAFunction.apply(
+                x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling, self.magnitude_grad != "recompute"
+            )
         return _dora_forward(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling)[0]
 
     def adapted_weight(self) -> torch.Tensor:
@@ -509,7 +547,9 @@ class DoRALinear(LoRALinear):
         return w - lora_delta(self.lora_A, self.lora_B, self.scaling)
 
 
-def vera_matrices(seed: int, out_features: int, in_features: int, rank: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def vera_matrices(
+    seed: int, out_features: int, in_features: int, rank: int, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VeRA's frozen random ``A: [r, in]`` and ``B: [out, r]`` for one layer shape, from ``seed``.
 
     Kaiming-uniform like VeRA; the same (seed, shape, rank) always gives the same matrices (their
@@ -532,9 +572,17 @@ class DVoRALinear(DoRALinear):
 
     method = "dvora"
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None, norm_grad: str = "detach", seed: int = 0,
-                 shared: dict | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+        norm_grad: str = "detach",
+        seed: int = 0,
+        shared: dict | None = None,
+    ) -> None:
         AdapterLinear.__init__(self, base, rank, float(rank) if alpha is None else alpha, dropout)
         _check_rank(base, rank)
         self.seed = int(seed)
@@ -587,8 +635,14 @@ class DoRAInputAxisLinear(LoRALinear):
 
     method = "dora_in"
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(base, rank, alpha, dropout, dtype)
         w = acc(base.weight)
         self.magnitude = nn.Parameter(torch.linalg.vector_norm(w, dim=0).to(dtype or base.weight.dtype))  # [in]
@@ -596,8 +650,11 @@ class DoRAInputAxisLinear(LoRALinear):
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         # detached and cached, as in the row case (paper §4.3)
-        n = self._norm_cache.get((self.base.weight, self.lora_A, self.lora_B), (self.scaling,),
-                                 lambda: column_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling).clamp_min(math.sqrt(EPS)))
+        n = self._norm_cache.get(
+            (self.base.weight, self.lora_A, self.lora_B),
+            (self.scaling,),
+            lambda: column_norm(self.base.weight, self.lora_A, self.lora_B, self.scaling).clamp_min(math.sqrt(EPS)),
+        )
         xs = x * (acc(self.magnitude) / n).to(x.dtype)  # g ⊙ x
         return self.base(xs) + self.lora_forward(xs)
 
@@ -619,8 +676,14 @@ class MagnitudeLinear(AdapterLinear):
 
     method = "magnitude"
 
-    def __init__(self, base: nn.Linear, rank: int = 0, alpha: float | None = None, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int = 0,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(base, 0, 0.0, 0.0)
         self.register_buffer("w0_norm", squared_row_norm(base.weight).sqrt(), persistent=False)  # [out]
         self.magnitude = nn.Parameter(self.w0_norm.clone().to(dtype or base.weight.dtype))

@@ -228,6 +228,7 @@ class DinoEmbedder(_Backbone):
 
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         """``[N, hidden]`` CLS embeddings."""
+
         def embed(part: Sequence[Image.Image]) -> torch.Tensor:
             return self.model(pixel_values=self._pixels(self.processor, part)).last_hidden_state[:, 0]
 
@@ -251,6 +252,7 @@ class ClipEmbedder(_Backbone):
 
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
         """``[N, projection_dim]`` image features."""
+
         def embed(part: Sequence[Image.Image]) -> torch.Tensor:
             return _features(self.model.get_image_features(pixel_values=self._pixels(self.processor, part)))
 

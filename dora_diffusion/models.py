@@ -130,9 +130,7 @@ TINY_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": (2, 4, 4),  # diffusers' name for the head COUNT: 16 wide (SDXL: (5, 10, 20), 64)
     "norm_num_groups": 8,
     # text_encoder's and text_encoder_2's hidden states side by side
-    "cross_attention_dim": (
-        TINY_TEXT_ENCODER_CONFIG["hidden_size"] + TINY_TEXT_ENCODER_2_CONFIG["hidden_size"]
-    ),
+    "cross_attention_dim": (TINY_TEXT_ENCODER_CONFIG["hidden_size"] + TINY_TEXT_ENCODER_2_CONFIG["hidden_size"]),
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": _ADDITION_TIME_EMBED_DIM,
@@ -204,9 +202,7 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def tiny_sdxl_components(
-    seed: int = 0, scheduler_config: str | os.PathLike[str] | None = None
-) -> dict[str, Any]:
+def tiny_sdxl_components(seed: int = 0, scheduler_config: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """The seven SDXL components, tiny, in memory, in float32 on CPU (no disk, for fast tests).
 
     Keys: ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``,
@@ -356,12 +352,7 @@ def _is_current_tiny_model(folder: Path) -> bool:
 
 def _looks_like_path(model: str) -> bool:
     """True for what can only be a filesystem path (a hub id is ``name`` or ``owner/name``)."""
-    return (
-        model.startswith((".", "~", "/", "\\"))
-        or Path(model).is_absolute()
-        or model.count("/") > 1
-        or "\\" in model
-    )
+    return model.startswith((".", "~", "/", "\\")) or Path(model).is_absolute() or model.count("/") > 1 or "\\" in model
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> str | Path:

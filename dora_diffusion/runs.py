@@ -99,8 +99,13 @@ def base_model_folder(path: str | os.PathLike) -> Path:
 
 def run_metadata(config: Any, resolution: int) -> dict[str, Any]:
     """What a run records in its adapter files' metadata (``config``: its ``TrainConfig``)."""
-    return {"base_model": model_record(config.model), "instance_prompt": config.prompt,
-            "trained_steps": config.max_steps, "resolution": resolution, "seed": config.seed}
+    return {
+        "base_model": model_record(config.model),
+        "instance_prompt": config.prompt,
+        "trained_steps": config.max_steps,
+        "resolution": resolution,
+        "seed": config.seed,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +236,9 @@ def step_in_path(path: str | os.PathLike) -> int | None:
 def checkpoints(run: str | os.PathLike) -> list[Path]:
     """The run's ``checkpoint-<step>`` folders, oldest step first (complete or not)."""
     root = Path(run) / CHECKPOINT_DIR
-    found = [(int(m.group(1)), p) for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (m := _CHECKPOINT_RE.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (m := _CHECKPOINT_RE.fullmatch(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 

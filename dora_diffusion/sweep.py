@@ -98,10 +98,24 @@ def _train_cell(cfg: SweepConfig, method: str, rank: int, seed: int, run: Path, 
     from .train import train
 
     settings = dict(
-        data=cfg.data, prompt=cfg.prompt, output=str(run), model=cfg.model, method=method, rank=int(rank),
-        targets=cfg.targets, learning_rate=cfg.learning_rate, max_steps=cfg.steps, seed=int(seed),
-        class_prompt=cfg.class_prompt, class_data=str(class_dir), num_class_images=cfg.num_class_images,
-        validation_steps=0, num_validation_images=1, checkpoint_steps=0, report_to="none", overwrite=True,
+        data=cfg.data,
+        prompt=cfg.prompt,
+        output=str(run),
+        model=cfg.model,
+        method=method,
+        rank=int(rank),
+        targets=cfg.targets,
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.steps,
+        seed=int(seed),
+        class_prompt=cfg.class_prompt,
+        class_data=str(class_dir),
+        num_class_images=cfg.num_class_images,
+        validation_steps=0,
+        num_validation_images=1,
+        checkpoint_steps=0,
+        report_to="none",
+        overwrite=True,
     )
     settings.update(cfg.train_overrides)
     return train(TrainConfig(**settings))
@@ -145,27 +159,55 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict[str, Any]:
         result = _train_cell(cfg, method, rank, seed, folder / "run", out / "class_images")
         train_seconds = time.perf_counter() - t
         if evaluator is None:
-            evaluator = Evaluator(model_dir, cfg.data, cfg.prompt, cfg.class_prompt, scene_prompts=cfg.scene_prompts,
-                                  eval_seeds=cfg.eval_seeds, inference_steps=cfg.inference_steps,
-                                  guidance=cfg.guidance, dino=cfg.dino, clip=cfg.clip)
+            evaluator = Evaluator(
+                model_dir,
+                cfg.data,
+                cfg.prompt,
+                cfg.class_prompt,
+                scene_prompts=cfg.scene_prompts,
+                eval_seeds=cfg.eval_seeds,
+                inference_steps=cfg.inference_steps,
+                guidance=cfg.guidance,
+                dino=cfg.dino,
+                clip=cfg.clip,
+            )
         if evaluator.base_class is None:
             base = {"fingerprint": fingerprint, **evaluator.evaluate(None)}
             base_file.write_text(json.dumps(base, indent=2) + "\n", encoding="utf-8")
         t = time.perf_counter()
         scores = evaluator.evaluate(result.adapter_file)
-        cell = {"name": name, "method": method, "rank": int(rank), "seed": int(seed), "fingerprint": fingerprint,
-                "steps": result.steps, "final_loss": result.final_loss, "step_ms": result.median_step_seconds * 1000,
-                "trainable_parameters": result.trainable_parameters, "train_seconds": train_seconds,
-                "eval_seconds": time.perf_counter() - t, "adapter": str(result.adapter_file), **scores}
+        cell = {
+            "name": name,
+            "method": method,
+            "rank": int(rank),
+            "seed": int(seed),
+            "fingerprint": fingerprint,
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "step_ms": result.median_step_seconds * 1000,
+            "trainable_parameters": result.trainable_parameters,
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - t,
+            "adapter": str(result.adapter_file),
+            **scores,
+        }
         tmp = folder / (CELL_FILE + ".tmp")
         tmp.write_text(json.dumps(cell, indent=2) + "\n", encoding="utf-8")
         tmp.replace(done)
         cells.append(cell)
-        progress(f"    subject fidelity {cell['subject_fidelity']['mean']:.4f}"
-                 + (f", drift {cell['drift']['mean']:.4f}" if "drift" in cell else ""))
+        progress(
+            f"    subject fidelity {cell['subject_fidelity']['mean']:.4f}"
+            + (f", drift {cell['drift']['mean']:.4f}" if "drift" in cell else "")
+        )
     rows = summarise(cells, cfg)
-    summary = {"model": str(model_dir), "settings": settings, "base": base, "rows": rows, "cells": cells,
-               "verdicts": verdicts(rows)}
+    summary = {
+        "model": str(model_dir),
+        "settings": settings,
+        "base": base,
+        "rows": rows,
+        "cells": cells,
+        "verdicts": verdicts(rows),
+    }
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_csv(rows, out / "sweep.csv")
     (out / "sweep.md").write_text(markdown_table(rows, summary["verdicts"]), encoding="utf-8")
@@ -181,14 +223,21 @@ def summarise(cells: list[dict[str, Any]], cfg: SweepConfig) -> list[dict[str, A
             group = [c for c in cells if c["method"] == method and c["rank"] == int(rank)]
             if not group:
                 continue
-            row: dict[str, Any] = {"method": method, "rank": int(rank), "seeds": len(group),
-                                   "eval_seeds": group[0]["eval_seeds"]}
+            row: dict[str, Any] = {
+                "method": method,
+                "rank": int(rank),
+                "seeds": len(group),
+                "eval_seeds": group[0]["eval_seeds"],
+            }
             for f in TABLE_FIELDS + ("step_ms", "final_loss", "trainable_parameters"):
                 values = [c[f]["mean"] if isinstance(c.get(f), dict) else c.get(f) for c in group]
                 values = [float(v) for v in values if v is not None]
                 if values:
-                    row[f] = {"mean": statistics.fmean(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+                    row[f] = {
+                        "mean": statistics.fmean(values),
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "n": len(values),
+                    }
             row["prompt_fidelity_kind"] = group[0].get("prompt_fidelity_kind")
             rows.append(row)
     return rows
@@ -205,8 +254,12 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             continue
         for f in TABLE_FIELDS:
             if f in row and f in by[("lora", rank)]:
-                line = ahead(Score(**row[f]), Score(**by[("lora", rank)][f]), names=("DoRA", "LoRA"),
-                             lower_is_better=f in LOWER_IS_BETTER)
+                line = ahead(
+                    Score(**row[f]),
+                    Score(**by[("lora", rank)][f]),
+                    names=("DoRA", "LoRA"),
+                    lower_is_better=f in LOWER_IS_BETTER,
+                )
                 out.append(f"rank {rank}, {f.replace('_', ' ')}: {line}")
     return out
 
@@ -229,14 +282,35 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def markdown_table(rows: list[dict[str, Any]], lines: list[str]) -> str:
     kind = next((r["prompt_fidelity_kind"] for r in rows if r.get("prompt_fidelity_kind")), None)
-    head = ["method", "rank", "subject fidelity ↑", "subject drawn ↑", f"prompt fidelity ↑ ({kind or 'n/a'})",
-            "drift ↓", "step ms", "trainable params"]
+    head = [
+        "method",
+        "rank",
+        "subject fidelity ↑",
+        "subject drawn ↑",
+        f"prompt fidelity ↑ ({kind or 'n/a'})",
+        "drift ↓",
+        "step ms",
+        "trainable params",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         params = f"{int(r['trainable_parameters']['mean']):,}" if "trainable_parameters" in r else ""
-        out.append("| " + " | ".join([r["method"], str(r["rank"]), _cell_text(r.get("subject_fidelity")),
-                                      _cell_text(r.get("subject_drawn"), 2), _cell_text(r.get("prompt_fidelity"), 2),
-                                      _cell_text(r.get("drift")), _cell_text(r.get("step_ms"), 0), params]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["method"],
+                    str(r["rank"]),
+                    _cell_text(r.get("subject_fidelity")),
+                    _cell_text(r.get("subject_drawn"), 2),
+                    _cell_text(r.get("prompt_fidelity"), 2),
+                    _cell_text(r.get("drift")),
+                    _cell_text(r.get("step_ms"), 0),
+                    params,
+                ]
+            )
+            + " |"
+        )
     seeds = rows[0]["seeds"] if rows else 0
     evals = rows[0]["eval_seeds"] if rows else 0
     out.append("")

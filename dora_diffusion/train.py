@@ -60,8 +60,9 @@ def encode_prompts(text_encoders, tokenizers, prompts: list[str], device) -> tup
     """SDXL prompt encoding: both encoders' penultimate hidden states, concatenated; te2's pooled output."""
     states, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         out = encoder(ids, output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled = out[0]  # te2 (the last): projected pooled output, [B, projection_dim]
@@ -108,7 +109,12 @@ def prepare_output(config: TrainConfig) -> Path:
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output: {out} exists and is not a folder")
-    if out.exists() and any(p.name != runs.LOCK_NAME for p in out.iterdir()) and not config.resume and not config.overwrite:
+    if (
+        out.exists()
+        and any(p.name != runs.LOCK_NAME for p in out.iterdir())
+        and not config.resume
+        and not config.overwrite
+    ):
         raise ConfigError(
             f"output: {out} already exists and is not empty; use --resume latest to continue it, "
             "another --output, or --overwrite to write into it anyway"
@@ -151,7 +157,8 @@ def output_lock(output: str | Path) -> Iterator[None]:
             if pid is None or _pid_alive(pid):  # unreadable: maybe being written; assume it is held
                 raise ConfigError(
                     f"output: {out} is in use by another training run (pid {pid if pid else '?'}, lock file {lock}); "
-                    "wait for it to end or choose another --output (if no run is going, delete the lock file)") from None
+                    "wait for it to end or choose another --output (if no run is going, delete the lock file)"
+                ) from None
             print(f"output: taking over the lock of process {pid} in {out}: that process is no longer running")
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
@@ -185,8 +192,12 @@ def find_checkpoint(output: Path, resume: str) -> Path:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -197,7 +208,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, output: Path, step: int, modules: dict, optimizer, lr_scheduler, config: TrainConfig) -> Path:
+def save_checkpoint(
+    accelerator, output: Path, step: int, modules: dict, optimizer, lr_scheduler, config: TrainConfig
+) -> Path:
     """Adapter weights, optimizer, schedule, RNG states and step, written to a temporary folder and
     renamed into place: a kill mid-write leaves the previous checkpoint intact."""
     from safetensors.torch import save_file
@@ -209,7 +222,11 @@ def save_checkpoint(accelerator, output: Path, step: int, modules: dict, optimiz
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), runs.rng_file(tmp, accelerator.process_index))
     if accelerator.is_main_process:
-        tensors = {f"{c}.{k}": v.contiguous() for c, m in modules.items() for k, v in adapter_state_dict(accelerator.unwrap_model(m)).items()}
+        tensors = {
+            f"{c}.{k}": v.contiguous()
+            for c, m in modules.items()
+            for k, v in adapter_state_dict(accelerator.unwrap_model(m)).items()
+        }
         save_file(tensors, str(tmp / runs.CHECKPOINT_ADAPTER_NAME))
         torch.save(optimizer.state_dict(), tmp / runs.OPTIMIZER_NAME)
         torch.save(lr_scheduler.state_dict(), tmp / runs.SCHEDULER_NAME)
@@ -234,11 +251,13 @@ def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_schedu
     saved = state["config"]
     for key in ("method", "rank", "alpha", "targets", "train_text_encoder", "model"):
         if saved.get(key) != getattr(config, key):
-            raise ConfigError(f"resume: {key} is {getattr(config, key)!r} but checkpoint {path} was trained with {saved.get(key)!r}")
+            raise ConfigError(
+                f"resume: {key} is {getattr(config, key)!r} but checkpoint {path} was trained with {saved.get(key)!r}"
+            )
     adapter = path / runs.CHECKPOINT_ADAPTER_NAME
     tensors = load_file(str(adapter))
     for comp, module in modules.items():
-        sub = {k[len(comp) + 1:]: v for k, v in tensors.items() if k.startswith(comp + ".")}
+        sub = {k[len(comp) + 1 :]: v for k, v in tensors.items() if k.startswith(comp + ".")}
         load_adapter_state_dict(accelerator.unwrap_model(module), sub, source=f"{adapter} ({comp})")
     # Our own files, loaded without unpickling code (weights_only).
     optimizer.load_state_dict(torch.load(path / runs.OPTIMIZER_NAME, weights_only=True))
@@ -271,7 +290,9 @@ def adapter_checksum(modules: dict) -> float:
     total = 0.0
     for c, m in sorted(modules.items()):
         for i, (_, v) in enumerate(sorted(adapter_state_dict(m).items())):
-            total += float((v.double().flatten() * torch.linspace(1, 2, v.numel(), dtype=torch.float64)).sum()) * (i + 1)
+            total += float((v.double().flatten() * torch.linspace(1, 2, v.numel(), dtype=torch.float64)).sum()) * (
+                i + 1
+            )
     return total
 
 
@@ -303,8 +324,10 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     output = prepare_output(config)
     resume_from = find_checkpoint(output, config.resume) if config.resume else None
     if resume_from is not None and (at := runs.checkpoint_step(resume_from)) > config.max_steps:
-        raise ConfigError(f"max_steps: {config.max_steps} is below the step of checkpoint {resume_from} (step {at}); "
-                          f"max_steps is the total to train to, so resume with --max-steps {at} or more")
+        raise ConfigError(
+            f"max_steps: {config.max_steps} is below the step of checkpoint {resume_from} (step {at}); "
+            f"max_steps is the total to train to, so resume with --max-steps {at} or more"
+        )
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_world == 1:
         # accelerate keeps its state per process: a second run in the same process (the app, `compare`)
@@ -323,8 +346,10 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     )
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     if launched_world != world:
-        raise ConfigError(f"launch: WORLD_SIZE={launched_world} but accelerate formed {world} process(es); "
-                          "these processes would overwrite each other's output")
+        raise ConfigError(
+            f"launch: WORLD_SIZE={launched_world} but accelerate formed {world} process(es); "
+            "these processes would overwrite each other's output"
+        )
     torch.manual_seed(config.seed + rank)  # dropout; everything else has its own generator
     np.random.seed(config.seed + rank)
     random.seed(config.seed + rank)
@@ -336,19 +361,29 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     if accelerator.is_main_process:
         print(report.summary())
     pipe = load_pipeline(str(model_dir))
-    dataset = SubjectDataset(report, config.prompt, resolution, center_crop=config.center_crop, flip_p=config.flip_p, seed=config.seed)
+    dataset = SubjectDataset(
+        report, config.prompt, resolution, center_crop=config.center_crop, flip_p=config.flip_p, seed=config.seed
+    )
 
     # ---- prior preservation: class images generated by the base model when too few are on disk
     class_dataset = None
     if config.class_prompt:
         class_dir = Path(config.class_data) if config.class_data else runs.class_images_dir(output, config.class_prompt)
         if accelerator.is_main_process:
-            generate_class_images(pipe.to(device), class_dir, config.class_prompt, config.num_class_images, resolution, config)
+            generate_class_images(
+                pipe.to(device), class_dir, config.class_prompt, config.num_class_images, resolution, config
+            )
         accelerator.wait_for_everyone()
         class_report = scan_subject_folder(class_dir, resolution)
         class_report.used = sorted(class_report.used, key=lambda r: r.path.name)[: config.num_class_images]
-        class_dataset = SubjectDataset(class_report, config.class_prompt, resolution, center_crop=config.center_crop,
-                                       flip_p=config.flip_p, seed=config.seed + 1)
+        class_dataset = SubjectDataset(
+            class_report,
+            config.class_prompt,
+            resolution,
+            center_crop=config.center_crop,
+            flip_p=config.flip_p,
+            seed=config.seed + 1,
+        )
 
     # ---- models: frozen base in the compute dtype, fp32 adapters on top
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
@@ -400,7 +435,9 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
                 latent = encode_images(b["pixel_values"], seeded_generator(config.seed, 2, i, tag == "class"))[0].cpu()
                 latent_cache[(tag, i)] = (latent, b["prompts"][0], b["add_time_ids"][0])
 
-    def make_batch(tag: str, ds, picks: list[tuple[int, int]], gen: torch.Generator) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    def make_batch(
+        tag: str, ds, picks: list[tuple[int, int]], gen: torch.Generator
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         if config.cache_latents:
             entries = [latent_cache[(tag, i)] for i, _ in picks]
             latents = torch.stack([e[0] for e in entries]).to(device)
@@ -420,10 +457,15 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
         except ImportError:
             raise ConfigError("use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
         optimizer_cls = bnb.optim.AdamW8bit
-    optimizer = optimizer_cls(groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-                              weight_decay=config.weight_decay)
-    lr_scheduler = get_scheduler(config.lr_schedule, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=config.max_steps)
+    optimizer = optimizer_cls(
+        groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_schedule,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.max_steps,
+    )
     prepared = accelerator.prepare(*modules.values(), optimizer)
     modules = dict(zip(modules, prepared[:-1]))
     unet, optimizer = modules["unet"], prepared[-1]
@@ -438,11 +480,20 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
             print(f"resumed from {resume_from} at step {start_step}")
     if accelerator.is_main_process:
         if config.report_to != "none":
-            accelerator.init_trackers("dora-diffusion", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()})
-        runs.write_run_config(output, {**config.to_dict(), "resolution": resolution, "trainable_parameters": n_trainable,
-                                       "num_processes": world})
-        print(f"training {config.method} (rank {config.rank}, targets {config.targets!r}) on {len(dataset)} images: "
-              f"{n_trainable:,} trainable parameters, {config.max_steps} steps")
+            accelerator.init_trackers(
+                "dora-diffusion",
+                config={
+                    k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()
+                },
+            )
+        runs.write_run_config(
+            output,
+            {**config.to_dict(), "resolution": resolution, "trainable_parameters": n_trainable, "num_processes": world},
+        )
+        print(
+            f"training {config.method} (rank {config.rank}, targets {config.targets!r}) on {len(dataset)} images: "
+            f"{n_trainable:,} trainable parameters, {config.max_steps} steps"
+        )
         for comp, m in modules.items():
             for method, counts in adapter_summary(accelerator.unwrap_model(m))["per_method"].items():
                 print(f"  {comp}: {method} on {counts['layers']} layers, {counts['trainable_parameters']:,} parameters")
@@ -461,15 +512,31 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
             micro_step = step * config.gradient_accumulation + micro
             gen = seeded_generator(config.seed, 3, micro_step, rank)
             # batch: instance examples, then as many class examples (prior preservation)
-            latents, prompts, time_ids = make_batch("instance", dataset, batch_indices(config.seed, micro_step, rank, world, config.batch_size, len(dataset)), gen)
+            latents, prompts, time_ids = make_batch(
+                "instance",
+                dataset,
+                batch_indices(config.seed, micro_step, rank, world, config.batch_size, len(dataset)),
+                gen,
+            )
             if class_dataset is not None:
-                c_lat, c_prompts, c_ids = make_batch("class", class_dataset, batch_indices(config.seed + 1, micro_step, rank, world, config.batch_size, len(class_dataset)), gen)
-                latents, prompts, time_ids = torch.cat([latents, c_lat]), prompts + c_prompts, torch.cat([time_ids, c_ids])
+                c_lat, c_prompts, c_ids = make_batch(
+                    "class",
+                    class_dataset,
+                    batch_indices(config.seed + 1, micro_step, rank, world, config.batch_size, len(class_dataset)),
+                    gen,
+                )
+                latents, prompts, time_ids = (
+                    torch.cat([latents, c_lat]),
+                    prompts + c_prompts,
+                    torch.cat([time_ids, c_ids]),
+                )
             # noise and timesteps
             noise = torch.randn(latents.shape, generator=gen).to(device)
             if config.noise_offset:
                 noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen
+            ).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             # conditioning
             if prompt_cache:
@@ -480,15 +547,21 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
             sync = micro == config.gradient_accumulation - 1
             ctx = accelerator.no_sync(unet) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                pred = unet(noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype),
-                            added_cond_kwargs={"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(weight_dtype)}).sample
+                pred = unet(
+                    noisy.to(weight_dtype),
+                    timesteps,
+                    embeds.to(weight_dtype),
+                    added_cond_kwargs={"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids.to(weight_dtype)},
+                ).sample
                 target = training_target(noise_scheduler, latents, noise, timesteps)
                 if class_dataset is not None:
                     pred, prior_pred = pred.chunk(2)
                     target, prior_target = target.chunk(2)
                     t_inst, t_prior = timesteps.chunk(2)
                     loss = diffusion_loss(pred, target, loss_weights(noise_scheduler, t_inst, config.snr_gamma))
-                    loss = loss + config.prior_loss_weight * diffusion_loss(prior_pred, prior_target, loss_weights(noise_scheduler, t_prior, config.snr_gamma))
+                    loss = loss + config.prior_loss_weight * diffusion_loss(
+                        prior_pred, prior_target, loss_weights(noise_scheduler, t_prior, config.snr_gamma)
+                    )
                 else:
                     loss = diffusion_loss(pred, target, loss_weights(noise_scheduler, timesteps, config.snr_gamma))
                 accelerator.backward(loss / config.gradient_accumulation)
@@ -521,16 +594,38 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
             bar.close()
             accelerator.end_training()
             median = statistics.median(step_times[1:] or step_times)
-            return TrainResult(output, runs.checkpoint_dir(output, done), done, loss_value, median, n_trainable,
-                               validation_images, stopped=True)
+            return TrainResult(
+                output,
+                runs.checkpoint_dir(output, done),
+                done,
+                loss_value,
+                median,
+                n_trainable,
+                validation_images,
+                stopped=True,
+            )
     bar.close()
 
     # ---- replicas must agree (DDP): every rank's adapter checksum, recorded
     if world > 1:
-        sums = accelerator.gather(torch.tensor([adapter_checksum({c: accelerator.unwrap_model(m) for c, m in modules.items()})], dtype=torch.float64, device=device))
+        sums = accelerator.gather(
+            torch.tensor(
+                [adapter_checksum({c: accelerator.unwrap_model(m) for c, m in modules.items()})],
+                dtype=torch.float64,
+                device=device,
+            )
+        )
         if accelerator.is_main_process:
-            (output / runs.RANKS_NAME).write_text(json.dumps({"num_processes": world, "adapter_checksums": sums.tolist(),
-                                                           "in_sync": bool(torch.all(sums == sums[0]))}, indent=2))
+            (output / runs.RANKS_NAME).write_text(
+                json.dumps(
+                    {
+                        "num_processes": world,
+                        "adapter_checksums": sums.tolist(),
+                        "in_sync": bool(torch.all(sums == sums[0])),
+                    },
+                    indent=2,
+                )
+            )
 
     # ---- the end: final validation, the adapter, config and model card
     validation_images += run_validation(accelerator, pipe, modules, text_encoders, config, output, config.max_steps)
@@ -541,15 +636,18 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
         adapter_file = save_adapter(unwrapped, adapter_file, overwrite=True, metadata=run_metadata)
         # the file for ComfyUI and Forge: its dora_scale depends on the base weights (formats/comfyui.py)
         save_comfyui(unwrapped, runs.comfyui_file(output), overwrite=True, metadata=run_metadata)
-        write_model_card(output, config, resolution=resolution, trainable_parameters=n_trainable, images=validation_images)
+        write_model_card(
+            output, config, resolution=resolution, trainable_parameters=n_trainable, images=validation_images
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     median = statistics.median(step_times[1:] or step_times) if step_times else float("nan")
     return TrainResult(output, adapter_file, config.max_steps, loss_value, median, n_trainable, validation_images)
 
 
-
-def generate_class_images(pipe, class_dir: Path, class_prompt: str, wanted: int, resolution: int, config: TrainConfig) -> None:
+def generate_class_images(
+    pipe, class_dir: Path, class_prompt: str, wanted: int, resolution: int, config: TrainConfig
+) -> None:
     """Fill ``class_dir`` up to ``wanted`` images of ``class_prompt`` from the base model (kept for later runs)."""
     from .data import IMAGE_EXTENSIONS
     from .sampling import SampleSettings, generate
@@ -560,15 +658,23 @@ def generate_class_images(pipe, class_dir: Path, class_prompt: str, wanted: int,
         return
     print(f"generating {wanted - len(have)} class images of {class_prompt!r} in {class_dir}")
     for i in range(len(have), wanted):
-        settings = SampleSettings(class_prompt, seed=config.seed + 100_000 + i, steps=config.validation_inference_steps,
-                                  guidance=config.validation_guidance, width=resolution, height=resolution)
+        settings = SampleSettings(
+            class_prompt,
+            seed=config.seed + 100_000 + i,
+            steps=config.validation_inference_steps,
+            guidance=config.validation_guidance,
+            width=resolution,
+            height=resolution,
+        )
         image = generate(pipe, settings)[0]
         tmp = class_dir / f".class_{i:05d}.png"
         image.save(tmp)
         os.replace(tmp, class_dir / f"class_{i:05d}.png")
 
 
-def run_validation(accelerator, pipe, modules, text_encoders, config: TrainConfig, output: Path, step: int) -> list[Path]:
+def run_validation(
+    accelerator, pipe, modules, text_encoders, config: TrainConfig, output: Path, step: int
+) -> list[Path]:
     """Fixed-seed validation images (seed, seed+1, ...) saved under ``validation/`` and logged."""
     if not accelerator.is_main_process or config.num_validation_images < 1:
         return []
@@ -578,13 +684,24 @@ def run_validation(accelerator, pipe, modules, text_encoders, config: TrainConfi
 
     unet = accelerator.unwrap_model(modules["unet"])
     tes = [accelerator.unwrap_model(t) for t in text_encoders]
-    val_pipe = StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=tes[0], text_encoder_2=tes[1], tokenizer=pipe.tokenizer,
-                                         tokenizer_2=pipe.tokenizer_2, unet=unet, scheduler=pipe.scheduler)
+    val_pipe = StableDiffusionXLPipeline(
+        vae=pipe.vae,
+        text_encoder=tes[0],
+        text_encoder_2=tes[1],
+        tokenizer=pipe.tokenizer,
+        tokenizer_2=pipe.tokenizer_2,
+        unet=unet,
+        scheduler=pipe.scheduler,
+    )
     val_pipe.set_progress_bar_config(disable=True)
     for m in modules.values():
         m.eval()
-    settings = SampleSettings(config.validation_prompt or config.prompt, seed=config.seed,
-                              steps=config.validation_inference_steps, guidance=config.validation_guidance)
+    settings = SampleSettings(
+        config.validation_prompt or config.prompt,
+        seed=config.seed,
+        steps=config.validation_inference_steps,
+        guidance=config.validation_guidance,
+    )
     with accelerator.autocast():
         images = generate(val_pipe, settings, num_images=config.num_validation_images)
     paths = []
@@ -597,5 +714,7 @@ def run_validation(accelerator, pipe, modules, text_encoders, config: TrainConfi
         paths.append(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+            tracker.writer.add_images(
+                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
     return paths

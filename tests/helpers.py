@@ -32,7 +32,9 @@ def unet_inputs(unet, seed: int = 0, size: int = 16, batch: int = 1, dtype=torch
     return dict(
         sample=torch.randn(batch, cfg.in_channels, size, size, generator=g, dtype=torch.float64).to(dtype),
         timestep=torch.tensor([10] * batch),
-        encoder_hidden_states=torch.randn(batch, 12, cfg.cross_attention_dim, generator=g, dtype=torch.float64).to(dtype),
+        encoder_hidden_states=torch.randn(batch, 12, cfg.cross_attention_dim, generator=g, dtype=torch.float64).to(
+            dtype
+        ),
         added_cond_kwargs={
             "text_embeds": torch.randn(batch, proj, generator=g, dtype=torch.float64).to(dtype),
             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch, dtype=dtype),

@@ -39,8 +39,7 @@ def _w0(seed=0, out=OUT, inp=IN):
 def _oracle(w, w0):
     """ΔM, ΔD the textbook way, in fp64."""
     w, w0 = w.double(), w0.double()
-    return ((w.norm(dim=1) - w0.norm(dim=1)).abs().mean().item(),
-            (1 - F.cosine_similarity(w, w0, dim=1)).mean().item())
+    return ((w.norm(dim=1) - w0.norm(dim=1)).abs().mean().item(), (1 - F.cosine_similarity(w, w0, dim=1)).mean().item())
 
 
 def _rotate_rows(w0, theta):
@@ -205,26 +204,53 @@ def _texts_overlapping(fig):
 
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    texts = [(f"panel {i} {kind}", t) for i, ax in enumerate(fig.axes)
-             for kind, t in (("title", ax.title), ("x label", ax.xaxis.label), ("y label", ax.yaxis.label),
-                             ("x multiplier", ax.xaxis.offsetText), ("y multiplier", ax.yaxis.offsetText))
-             if t.get_visible() and t.get_text()]
-    texts += [(f"panel {i} x tick {t.get_text()}", t) for i, ax in enumerate(fig.axes) for t in ax.get_xticklabels()
-              if t.get_visible() and t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
-    return [(a, b) for (a, s), (b, t) in itertools.combinations(texts, 2)
-            if s.get_window_extent(renderer).overlaps(t.get_window_extent(renderer))]
+    texts = [
+        (f"panel {i} {kind}", t)
+        for i, ax in enumerate(fig.axes)
+        for kind, t in (
+            ("title", ax.title),
+            ("x label", ax.xaxis.label),
+            ("y label", ax.yaxis.label),
+            ("x multiplier", ax.xaxis.offsetText),
+            ("y multiplier", ax.yaxis.offsetText),
+        )
+        if t.get_visible() and t.get_text()
+    ]
+    texts += [
+        (f"panel {i} x tick {t.get_text()}", t)
+        for i, ax in enumerate(fig.axes)
+        for t in ax.get_xticklabels()
+        if t.get_visible() and t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]
+    ]
+    return [
+        (a, b)
+        for (a, s), (b, t) in itertools.combinations(texts, 2)
+        if s.get_window_extent(renderer).overlaps(t.get_window_extent(renderer))
+    ]
 
 
-@pytest.mark.parametrize("name, delta_m, delta_d", [
-    ("run-dora", lambda i: 1e-3 * (1 + i % 7), lambda i: 1e-4 * (1 + i % 5)),  # ×10⁻³ / ×10⁻⁴ multipliers
-    ("outputs/a-rather-long-run-name-for-toy-dora-r16@checkpoint-1000", lambda i: 0.2 * i, lambda i: 0.5 + 1e-9 * i),
-    ("run-lora", lambda i: 12345.0 + 1e-3 * i, lambda i: 1e-4 * i),  # large values, tiny spread
-], ids=["small", "long-name-flat-x", "large-flat-y"])
+@pytest.mark.parametrize(
+    "name, delta_m, delta_d",
+    [
+        ("run-dora", lambda i: 1e-3 * (1 + i % 7), lambda i: 1e-4 * (1 + i % 5)),  # ×10⁻³ / ×10⁻⁴ multipliers
+        (
+            "outputs/a-rather-long-run-name-for-toy-dora-r16@checkpoint-1000",
+            lambda i: 0.2 * i,
+            lambda i: 0.5 + 1e-9 * i,
+        ),
+        ("run-lora", lambda i: 12345.0 + 1e-3 * i, lambda i: 1e-4 * i),  # large values, tiny spread
+    ],
+    ids=["small", "long-name-flat-x", "large-flat-y"],
+)
 def test_plot_titles_and_axis_labels_do_not_overlap(name, delta_m, delta_d):
     from dora_diffusion.analysis import AnalysisResult, DecompositionRow, decomposition_figure
 
-    rows = [DecompositionRow(f"{name}-{k}", method, step, "unet", f"layer{i}", delta_m(i), delta_d(i))
-            for k, method in enumerate(("lora", "dora", "dora", "lora", "dora")) for step in (2, 4) for i in range(12)]
+    rows = [
+        DecompositionRow(f"{name}-{k}", method, step, "unet", f"layer{i}", delta_m(i), delta_d(i))
+        for k, method in enumerate(("lora", "dora", "dora", "lora", "dora"))
+        for step in (2, 4)
+        for i in range(12)
+    ]
     fig = decomposition_figure(AnalysisResult(rows))
     assert len(fig.axes) == 5  # two rows of panels: the second row's titles meet the first row's x labels
     assert _texts_overlapping(fig) == []
@@ -249,9 +275,23 @@ def tiny_runs(tmp_path_factory):
     runs = {}
     for method in ("lora", "dora"):
         runs[method] = tmp / f"run-{method}"
-        train(TrainConfig(data=str(data), prompt="a photo of sks toy", output=str(runs[method]), model=model,
-                          resolution=64, max_steps=4, checkpoint_steps=2, validation_steps=0, num_validation_images=1,
-                          validation_inference_steps=2, report_to="none", learning_rate=1e-2, method=method))
+        train(
+            TrainConfig(
+                data=str(data),
+                prompt="a photo of sks toy",
+                output=str(runs[method]),
+                model=model,
+                resolution=64,
+                max_steps=4,
+                checkpoint_steps=2,
+                validation_steps=0,
+                num_validation_images=1,
+                validation_inference_steps=2,
+                report_to="none",
+                learning_rate=1e-2,
+                method=method,
+            )
+        )
     return model, runs
 
 
@@ -289,8 +329,9 @@ def test_final_adapter_file_is_read_like_its_checkpoint(tiny_runs, tmp_path):
     copy = tmp_path / "run-dora"
     shutil.copytree(runs["dora"], copy)
     shutil.rmtree(copy / "checkpoints" / "checkpoint-4")
-    result = analyze_runs([runs["dora"], copy, runs["dora"] / "checkpoints" / "checkpoint-2"], model,
-                          layers=["to_q", "to_out.0"])
+    result = analyze_runs(
+        [runs["dora"], copy, runs["dora"] / "checkpoints" / "checkpoint-2"], model, layers=["to_q", "to_out.0"]
+    )
     assert {r.layer.rsplit(".", 1)[-1] for r in result.rows} == {"to_q", "0"}
     by_run = {}
     for r in result.rows:

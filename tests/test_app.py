@@ -24,8 +24,19 @@ def test_compare_endpoint_returns_three_images_and_repeats_with_the_seed(served)
 
     app, engine = served
     client = Client(app.local_url, verbose=False)
-    args = dict(prompt="a photo of sks toy", negative="", seed=7, steps=2, guidance=5.0, width=64, height=80,
-                lora="demo/lora", lora_scale=1.0, dora="demo/dora", dora_scale=1.0)
+    args = dict(
+        prompt="a photo of sks toy",
+        negative="",
+        seed=7,
+        steps=2,
+        guidance=5.0,
+        width=64,
+        height=80,
+        lora="demo/lora",
+        lora_scale=1.0,
+        dora="demo/dora",
+        dora_scale=1.0,
+    )
     first = client.predict(*args.values(), api_name="/compare")
     second = client.predict(*args.values(), api_name="/compare")
     *images, status = first
@@ -96,8 +107,11 @@ def test_uploads_leave_nothing_in_gradio_temp(tmp_path, tiny_model):
     uploaded.append(tmp / "u3" / "notes.exe")
     folder, summary = module.receive_uploads(engine, uploaded, 64)
     assert "2 image(s) used" in summary and "notes.exe" in summary
-    assert sorted(p.name for p in (engine.workspace / folder).iterdir()) == ["robot_01_wood_table.jpg", "robot_04_grass.jpg",
-                                                                              "robot_04_grass.txt"]
+    assert sorted(p.name for p in (engine.workspace / folder).iterdir()) == [
+        "robot_01_wood_table.jpg",
+        "robot_04_grass.jpg",
+        "robot_04_grass.txt",
+    ]
     assert list(tmp.iterdir()) == []
     (tmp / "u5").mkdir()
     (tmp / "u5" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -116,7 +130,9 @@ def test_loss_curves_stay_distinguishable_when_they_coincide():
 
     module = load_app_module()
     losses = [1.0 / s for s in range(1, 11)]
-    p = TrainProgress(state="running", losses=[(m, s, loss) for m in ("lora", "dora") for s, loss in enumerate(losses, 1)])
+    p = TrainProgress(
+        state="running", losses=[(m, s, loss) for m in ("lora", "dora") for s, loss in enumerate(losses, 1)]
+    )
     fig = module.loss_figure(p)
     lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
     assert set(lines) == {"LoRA", "DoRA"}
@@ -140,12 +156,26 @@ def test_cli_app_builds_and_launches_with_its_flags(tmp_path, tiny_model, monkey
     launched = {}
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
-    assert main(["app", "--model", str(tiny_model), "--outputs", str(tmp_path / "ws"), "--port", "7999", "--share",
-                 "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "app",
+                "--model",
+                str(tiny_model),
+                "--outputs",
+                str(tmp_path / "ws"),
+                "--port",
+                "7999",
+                "--share",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "torch threads: 1 (--threads)" in capsys.readouterr().out
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999 and launched["share"] is True
     assert launched["allowed_paths"] == [str((tmp_path / "ws" / "exports").resolve())]
-
 
 
 def test_small_compare_images_are_enlarged_by_css_only():

@@ -16,9 +16,18 @@ def test_train_help_is_plain_text(capsys):
     assert "train --output outputs/toy-dora --resume latest" in out
 
 
-@pytest.mark.parametrize("command", [["train"], ["compare"], ["demo"], ["app"], ["analyze", "run"],
-                                     ["export", "--adapter", "a", "--format", "kohya", "--out", "o"],
-                                     ["verify", "--adapter", "a"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train"],
+        ["compare"],
+        ["demo"],
+        ["app"],
+        ["analyze", "run"],
+        ["export", "--adapter", "a", "--format", "kohya", "--out", "o"],
+        ["verify", "--adapter", "a"],
+    ],
+)
 def test_every_subcommand_takes_threads(command):
     assert build_parser().parse_args([*command, "--threads", "3"]).threads == 3
     assert build_parser().parse_args(command).threads is None

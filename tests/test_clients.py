@@ -31,8 +31,27 @@ from dora_diffusion.models import build_tiny_sdxl, load_pipeline
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 EXACT = 1e-4
 CLIENTS = Path(__file__).resolve().parents[2] / "shared" / "clients"
-LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-METHODS = ("dora", "magnitude", "dvora", "lora", "dora_in")  # dora_in: an input-axis file from another tool, re-exported
+LAYERS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "fc1",
+    "fc2",
+)
+METHODS = (
+    "dora",
+    "magnitude",
+    "dvora",
+    "lora",
+    "dora_in",
+)  # dora_in: an input-axis file from another tool, re-exported
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,9 +95,19 @@ def input_axis_file(pipe, path: Path, seed: int = 7) -> Path:
             up *= 0.4 * w0.norm() / (1.5 * up @ down).norm()  # alpha 6, rank 4
             v = w0 + 1.5 * up @ down
             key = kohya_name(comp, module, name)
-            tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(6.0),
-                            f"{key}.dora_scale": (v.norm(dim=0) * (1 + 0.3 * torch.randn(in_f, generator=g))).reshape(1, in_f)})
-    save_file(tensors, str(path), metadata={"ss_network_args": json.dumps({"algo": "lora", "dora_wd": "true", "wd_on_output": "false"})})
+            tensors.update(
+                {
+                    f"{key}.lora_down.weight": down,
+                    f"{key}.lora_up.weight": up,
+                    f"{key}.alpha": torch.tensor(6.0),
+                    f"{key}.dora_scale": (v.norm(dim=0) * (1 + 0.3 * torch.randn(in_f, generator=g))).reshape(1, in_f),
+                }
+            )
+    save_file(
+        tensors,
+        str(path),
+        metadata={"ss_network_args": json.dumps({"algo": "lora", "dora_wd": "true", "wd_on_output": "false"})},
+    )
     return path
 
 
@@ -108,7 +137,9 @@ def adapter(made, method: str) -> Path:
 def export(made, method: str, fmt: str) -> Path:
     if (fmt, method) not in made.files:
         suffix = "" if fmt in ("diffusers", "merged-folder") else ".safetensors"
-        made.files[(fmt, method)] = export_adapter(adapter(made, method), fmt, made.root / f"{method}-{fmt}{suffix}", model=made.model)
+        made.files[(fmt, method)] = export_adapter(
+            adapter(made, method), fmt, made.root / f"{method}-{fmt}{suffix}", model=made.model
+        )
     return made.files[(fmt, method)]
 
 
@@ -142,8 +173,12 @@ def best(errs) -> dict[str, float]:
 def test_the_adapters_are_strong(made):
     for method in ("dora", "dvora", "lora", "dora_in"):
         w, base = ours(made, method), made.base
-        deltas = [float((w[c][k] - base[c][k]).norm() / base[c][k].norm()) for c in COMPONENTS for k in w[c]
-                  if k.endswith(".weight") and not torch.equal(w[c][k], base[c][k])]
+        deltas = [
+            float((w[c][k] - base[c][k]).norm() / base[c][k].norm())
+            for c in COMPONENTS
+            for k in w[c]
+            if k.endswith(".weight") and not torch.equal(w[c][k], base[c][k])
+        ]
         assert len(deltas) >= 40 and min(deltas) > 0.2, (method, len(deltas), min(deltas))
     changed = {c for c, sd in ours(made, "magnitude").items() for k in sd if not torch.equal(sd[k], made.base[c][k])}
     assert changed == set(COMPONENTS)
@@ -240,7 +275,12 @@ def lora_part_only(made, method: str, scale: float | None = None) -> dict[str, d
     out = {}
     for comp in COMPONENTS:
         module = getattr(pipe, comp)
-        out[comp] = {f"{n}.weight": merged_weight(a.base.weight, a.lora_A, a.lora_B, a.scaling if scale is None else scale).detach() for n, a in adapter_modules(module)}
+        out[comp] = {
+            f"{n}.weight": merged_weight(
+                a.base.weight, a.lora_A, a.lora_B, a.scaling if scale is None else scale
+            ).detach()
+            for n, a in adapter_modules(module)
+        }
     return out
 
 
@@ -273,11 +313,16 @@ def test_comfyui_key_conversions_read_our_merged_single_file(made, comfy):
     sd = load_file(str(export(made, "dora", "merged-single")))
     to_sgm = c.utils.unet_to_diffusers(comfy.unet_config_from_diffusers(made.base["unet"]))
     got = {"unet": {k: sd["model.diffusion_model." + v] for k, v in to_sgm.items() if k in made.base["unet"]}}
-    clip = c.utils.state_dict_prefix_replace(dict(sd), {"conditioner.embedders.0.transformer.text_model": "clip_l.transformer.text_model"})
+    clip = c.utils.state_dict_prefix_replace(
+        dict(sd), {"conditioner.embedders.0.transformer.text_model": "clip_l.transformer.text_model"}
+    )
     clip = c.utils.clip_text_transformers_convert(clip, "conditioner.embedders.1.model.", "clip_g.transformer.")
     for comp, prefix in comfy.CLIP_PREFIX.items():
-        got[comp] = {k: clip[prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k)]
-                     for k in made.base[comp] if k.endswith(".weight")}
+        got[comp] = {
+            k: clip[prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k)]
+            for k in made.base[comp]
+            if k.endswith(".weight")
+        }
     errs = errors(got, ours(made, "dora"), made.base)
     assert set(errs) == set(COMPONENTS) and max(worst(errs).values()) < EXACT, worst(errs)
 
@@ -327,13 +372,19 @@ def lycoris_merge(lycoris, made, file: Path, *, network_args: bool):
         with safe_open(str(file), "pt") as f:
             meta = f.metadata()
         args = json.loads(meta["ss_network_args"])
-        network = lycoris.create_network(1.0, int(meta["ss_network_dim"]), float(meta["ss_network_alpha"]), None, tes, unet, **args)
+        network = lycoris.create_network(
+            1.0, int(meta["ss_network_dim"]), float(meta["ss_network_alpha"]), None, tes, unet, **args
+        )
         network.apply_to(tes, unet, apply_text_encoder=True, apply_unet=True)
         info = network.load_weights(str(file))
         assert "unexpected keys" not in info, info["unexpected keys"][:5]  # every key of the file was taken
     else:
-        network, _ = lycoris.create_network_from_weights(1.0, str(file), None, tes, unet, weights_sd=tensors, for_inference=True)
-        assert len(network.unet_loras) + len(network.text_encoder_loras) == sum(k.endswith(".lora_down.weight") for k in tensors)
+        network, _ = lycoris.create_network_from_weights(
+            1.0, str(file), None, tes, unet, weights_sd=tensors, for_inference=True
+        )
+        assert len(network.unet_loras) + len(network.text_encoder_loras) == sum(
+            k.endswith(".lora_down.weight") for k in tensors
+        )
     network.merge_to(tes, unet, tensors, torch.float32, "cpu")
     return state_dicts(pipe)
 
@@ -403,12 +454,20 @@ def test_diffusers_scale_is_ours_and_keeps_the_trained_magnitude(made, scale):
     file = export(made, "dora", "diffusers")
     pipe = load_pipeline(made.model)
     load_adapter(pipe, file, scale=scale)
-    ours_at = {c: {f"{n}.weight": a.adapted_weight().detach() for n, a in adapter_modules(getattr(pipe, c))} for c in COMPONENTS}
+    ours_at = {
+        c: {f"{n}.weight": a.adapted_weight().detach() for n, a in adapter_modules(getattr(pipe, c))}
+        for c in COMPONENTS
+    }
     got = diffusers_fused(made, file, scale)
     assert max(worst(errors(got, ours_at, made.base)).values()) < EXACT
     if scale == 0.0:  # m ⊙ W0 / ‖W0‖_row with the trained m
-        magnitude_only = {c: {f"{n}.weight": merged_weight(a.base.weight, None, None, 0.0, a.magnitude).detach()
-                              for n, a in adapter_modules(getattr(pipe, c))} for c in COMPONENTS}
+        magnitude_only = {
+            c: {
+                f"{n}.weight": merged_weight(a.base.weight, None, None, 0.0, a.magnitude).detach()
+                for n, a in adapter_modules(getattr(pipe, c))
+            }
+            for c in COMPONENTS
+        }
         assert max(worst(errors(got, magnitude_only, made.base)).values()) < EXACT
 
 
@@ -422,15 +481,35 @@ def test_load_adapter_reads_the_comfyui_export_exactly_by_its_metadata(made, tmp
     pipe = load_pipeline(made.model)
     report = load_adapter(pipe, file)
     assert report.metadata["layout"] == "comfyui" and report.method == {c: "dora" for c in COMPONENTS}
-    got = {c: {f"{n}.weight": a.adapted_weight().detach() for n, a in adapter_modules(getattr(pipe, c))} for c in COMPONENTS}
-    assert max(worst(errors(got, {c: {k: ours(made, "dora")[c][k] for k in got[c]} for c in COMPONENTS}, made.base)).values()) < 1e-5
+    got = {
+        c: {f"{n}.weight": a.adapted_weight().detach() for n, a in adapter_modules(getattr(pipe, c))}
+        for c in COMPONENTS
+    }
+    assert (
+        max(
+            worst(
+                errors(got, {c: {k: ours(made, "dora")[c][k] for k in got[c]} for c in COMPONENTS}, made.base)
+            ).values()
+        )
+        < 1e-5
+    )
     # without the metadata it is a plain kohya DoRA file, read by DoRA's definition: wrong by the normalisation
     stripped = tmp_path / "stripped.safetensors"
     save_file(load_file(str(file)), str(stripped))
     pipe = load_pipeline(made.model)
     load_adapter(pipe, stripped)
-    got = {c: {f"{n}.weight": a.adapted_weight().detach() for n, a in adapter_modules(getattr(pipe, c))} for c in COMPONENTS}
-    assert min(best(errors(got, {c: {k: ours(made, "dora")[c][k] for k in got[c]} for c in COMPONENTS}, made.base)).values()) > 1e-3
+    got = {
+        c: {f"{n}.weight": a.adapted_weight().detach() for n, a in adapter_modules(getattr(pipe, c))}
+        for c in COMPONENTS
+    }
+    assert (
+        min(
+            best(
+                errors(got, {c: {k: ours(made, "dora")[c][k] for k in got[c]} for c in COMPONENTS}, made.base)
+            ).values()
+        )
+        > 1e-3
+    )
 
 
 def test_the_comfyui_export_says_what_it_is_for(made):

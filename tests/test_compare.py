@@ -11,7 +11,6 @@ from dora_diffusion.compare import PeakMemory, summary_table
 from helpers import SAMPLE
 
 
-
 def test_peak_memory_sees_an_allocation():
     import torch
 
@@ -26,8 +25,15 @@ def test_peak_memory_sees_an_allocation():
 
 
 def test_summary_table_columns():
-    row = {"label": "dora r4", "trainable_parameters": 1234, "adapter_file_bytes": 4096, "median_step_ms": 12.3,
-           "peak_memory_mib": None, "final_loss": 0.5, "delta_d_delta_m_correlation": -0.5}
+    row = {
+        "label": "dora r4",
+        "trainable_parameters": 1234,
+        "adapter_file_bytes": 4096,
+        "median_step_ms": 12.3,
+        "peak_memory_mib": None,
+        "final_loss": 0.5,
+        "delta_d_delta_m_correlation": -0.5,
+    }
     table = summary_table([row])
     assert "| dora r4 | 1,234 | 4 KiB | 12 ms | n/a | 0.5000 | -0.50 |" in table
 
@@ -42,17 +48,53 @@ def test_compare_end_to_end(tmp_path):
     for p in sorted(SAMPLE.glob("*.jpg"))[:3]:
         shutil.copy(p, data / p.name)
     out = tmp_path / "cmp"
-    code = main(["compare", "--data", str(data), "--prompt", "a photo of sks toy", "--model", model, "--output", str(out),
-                 "--methods", "lora,dora,magnitude", "--ranks", "2,4", "--max-steps", "4", "--resolution", "64",
-                 "--validation-steps", "0", "--num-validation-images", "1", "--validation-inference-steps", "2",
-                 "--sample-steps", "2", "--sample-size", "64", "--report-to", "none", "--learning-rate", "0.01",
-                 "--validation-prompts", "a photo of sks toy|sks toy in the snow"])
+    code = main(
+        [
+            "compare",
+            "--data",
+            str(data),
+            "--prompt",
+            "a photo of sks toy",
+            "--model",
+            model,
+            "--output",
+            str(out),
+            "--methods",
+            "lora,dora,magnitude",
+            "--ranks",
+            "2,4",
+            "--max-steps",
+            "4",
+            "--resolution",
+            "64",
+            "--validation-steps",
+            "0",
+            "--num-validation-images",
+            "1",
+            "--validation-inference-steps",
+            "2",
+            "--sample-steps",
+            "2",
+            "--sample-size",
+            "64",
+            "--report-to",
+            "none",
+            "--learning-rate",
+            "0.01",
+            "--validation-prompts",
+            "a photo of sks toy|sks toy in the snow",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     labels = [r["label"] for r in summary["runs"]]
     assert labels == ["lora r2", "lora r4", "dora r2", "dora r4", "magnitude"]
     by = {r["label"]: r for r in summary["runs"]}
-    assert by["dora r4"]["trainable_parameters"] > by["lora r4"]["trainable_parameters"] > by["lora r2"]["trainable_parameters"]
+    assert (
+        by["dora r4"]["trainable_parameters"]
+        > by["lora r4"]["trainable_parameters"]
+        > by["lora r2"]["trainable_parameters"]
+    )
     assert by["magnitude"]["trainable_parameters"] < by["lora r2"]["trainable_parameters"]
     from PIL import Image
 
@@ -73,11 +115,41 @@ def test_compare_reports_metrics_on_the_embedded_model(tmp_path):
     for p in sorted(SAMPLE.glob("*.jpg"))[:3]:
         shutil.copy(p, data / p.name)
     out = tmp_path / "cmp"
-    code = main(["compare", "--data", str(data), "--prompt", "a photo of sks toy", "--output", str(out),
-                 "--methods", "lora,dora", "--ranks", "2", "--max-steps", "2", "--validation-steps", "0",
-                 "--num-validation-images", "1", "--validation-inference-steps", "2", "--sample-steps", "2",
-                 "--report-to", "none", "--class-prompt", "a photo of a toy", "--num-class-images", "2",
-                 "--validation-prompts", "a photo of sks toy|sks toy on the grass", "--eval-seeds", "3"])
+    code = main(
+        [
+            "compare",
+            "--data",
+            str(data),
+            "--prompt",
+            "a photo of sks toy",
+            "--output",
+            str(out),
+            "--methods",
+            "lora,dora",
+            "--ranks",
+            "2",
+            "--max-steps",
+            "2",
+            "--validation-steps",
+            "0",
+            "--num-validation-images",
+            "1",
+            "--validation-inference-steps",
+            "2",
+            "--sample-steps",
+            "2",
+            "--report-to",
+            "none",
+            "--class-prompt",
+            "a photo of a toy",
+            "--num-class-images",
+            "2",
+            "--validation-prompts",
+            "a photo of sks toy|sks toy on the grass",
+            "--eval-seeds",
+            "3",
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     for run in summary["runs"]:

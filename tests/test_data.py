@@ -206,7 +206,11 @@ def test_symlinks_inside_are_followed_outside_named_broken_reported(tmp_path):
     assert any("dangling.jpg" in m and "broken" in m for m in messages), messages
     assert not any("inside.png" in m for m in messages), messages
     summary = report.summary()
-    assert "outside.png -> " in summary and "broken symlink dangling.jpg" in summary and "ignored" not in summary.split("\n", 1)[1]
+    assert (
+        "outside.png -> " in summary
+        and "broken symlink dangling.jpg" in summary
+        and "ignored" not in summary.split("\n", 1)[1]
+    )
 
 
 def test_only_broken_symlinks_names_them(tmp_path):

@@ -65,13 +65,16 @@ def test_scale_zero_lora_is_the_base_and_other_seed_differs(engine):
     assert not np.array_equal(pixels(other[0].image), pixels(base.image))
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(width=100), "multiple of 8"),
-    (dict(height=2048), "64..1536"),
-    (dict(steps=0), "steps"),
-    (dict(guidance=99.0), "guidance"),
-    (dict(prompt="  "), "prompt"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(width=100), "multiple of 8"),
+        (dict(height=2048), "64..1536"),
+        (dict(steps=0), "steps"),
+        (dict(guidance=99.0), "guidance"),
+        (dict(prompt="  "), "prompt"),
+    ],
+)
 def test_bad_settings_are_refused(engine, settings, message):
     with pytest.raises(EngineError, match=message):
         engine.compare(SampleSettings(**{**SMALL.__dict__, **settings}))
@@ -113,7 +116,11 @@ def test_uploads_are_checked_like_training_folders(engine, tmp_path):
     junk.write_bytes(b"MZ")
     folder, summary = engine.save_uploads([*good, junk], resolution=64)
     assert folder.parent == engine.workspace / "uploads"
-    assert sorted(p.name for p in folder.iterdir()) == ["robot_01_wood_table.jpg", "robot_04_grass.jpg", "robot_04_grass.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "robot_01_wood_table.jpg",
+        "robot_04_grass.jpg",
+        "robot_04_grass.txt",
+    ]
     assert "2 image(s) used" in summary and "notes.exe" in summary
 
     broken = tmp_path / "broken.png"
@@ -131,9 +138,20 @@ def test_uploads_are_checked_like_training_folders(engine, tmp_path):
 def test_training_runs_in_the_background_and_its_runs_appear(tiny_model, tmp_path):
     engine = Engine(model=tiny_model, workspace=tmp_path / "ws")
     folder, _ = engine.save_uploads(sorted(SAMPLE.glob("robot_0[1-3]*")), resolution=64)
-    job = engine.start_training(TrainRequest(
-        data=engine.relative(folder), prompt="a photo of sks toy", name="toy", method="dora", steps=2, resolution=64,
-        validation_steps=1, num_validation_images=1, validation_inference_steps=2, report_to="none"))
+    job = engine.start_training(
+        TrainRequest(
+            data=engine.relative(folder),
+            prompt="a photo of sks toy",
+            name="toy",
+            method="dora",
+            steps=2,
+            resolution=64,
+            validation_steps=1,
+            num_validation_images=1,
+            validation_inference_steps=2,
+            report_to="none",
+        )
+    )
     assert job.wait(120)
     p = engine.training_progress()
     assert p.state == "finished", p.message
@@ -147,9 +165,18 @@ def test_training_runs_in_the_background_and_its_runs_appear(tiny_model, tmp_pat
 def test_cancel_stops_cleanly_and_keeps_a_checkpoint(tiny_model, tmp_path):
     engine = Engine(model=tiny_model, workspace=tmp_path / "ws")
     folder, _ = engine.save_uploads(sorted(SAMPLE.glob("robot_0[1-3]*")), resolution=64)
-    request = TrainRequest(data=engine.relative(folder), prompt="a photo of sks toy", name="long", method="both",
-                           steps=5000, resolution=64, validation_steps=0, num_validation_images=1,
-                           validation_inference_steps=2, report_to="none")
+    request = TrainRequest(
+        data=engine.relative(folder),
+        prompt="a photo of sks toy",
+        name="long",
+        method="both",
+        steps=5000,
+        resolution=64,
+        validation_steps=0,
+        num_validation_images=1,
+        validation_inference_steps=2,
+        report_to="none",
+    )
     job = engine.start_training(request)
     with pytest.raises(EngineBusy, match="already going"):
         engine.start_training(request)
@@ -163,7 +190,9 @@ def test_cancel_stops_cleanly_and_keeps_a_checkpoint(tiny_model, tmp_path):
     p = engine.training_progress()
     assert p.state == "cancelled" and "checkpoint kept" in p.message, p.message
     step = job.results[0].steps
-    assert job.results[0].stopped and (tmp_path / "ws" / "long" / "lora" / "checkpoints" / f"checkpoint-{step}").is_dir()
+    assert (
+        job.results[0].stopped and (tmp_path / "ws" / "long" / "lora" / "checkpoints" / f"checkpoint-{step}").is_dir()
+    )
     assert not (tmp_path / "ws" / "long" / "dora").exists()  # 'both' stops before DoRA starts
     assert not engine.training and not engine.cancel_training()
     assert engine.compare(SMALL)  # the device is free again
@@ -171,10 +200,17 @@ def test_cancel_stops_cleanly_and_keeps_a_checkpoint(tiny_model, tmp_path):
 
 def test_training_requests_are_bounded(engine):
     ok = dict(data="runs", prompt="a photo of sks toy")
-    for change, message in [(dict(rank=0), "rank"), (dict(steps=10**6), "steps"), (dict(learning_rate=0), "learning rate"),
-                            (dict(batch_size=99), "batch size"), (dict(method="full"), "method"),
-                            (dict(resolution=100), "resolution"), (dict(data="../x"), "outside the workspace"),
-                            (dict(name="../escape"), "outside the workspace"), (dict(name="uploads/x"), "own folders")]:
+    for change, message in [
+        (dict(rank=0), "rank"),
+        (dict(steps=10**6), "steps"),
+        (dict(learning_rate=0), "learning rate"),
+        (dict(batch_size=99), "batch size"),
+        (dict(method="full"), "method"),
+        (dict(resolution=100), "resolution"),
+        (dict(data="../x"), "outside the workspace"),
+        (dict(name="../escape"), "outside the workspace"),
+        (dict(name="uploads/x"), "own folders"),
+    ]:
         with pytest.raises(EngineError, match=message):
             engine.train_configs(TrainRequest(**{**ok, **change}))
 
@@ -199,13 +235,14 @@ def test_export_zips_folders_and_never_overwrites(engine, monkeypatch):
     archive = engine.export("runs/deep/dora", "merged-folder")
     import zipfile
 
-    assert archive.suffix == ".zip" and zipfile.ZipFile(archive).namelist() == [f"{archive.stem}/unet/weights.safetensors"]
+    assert archive.suffix == ".zip" and zipfile.ZipFile(archive).namelist() == [
+        f"{archive.stem}/unet/weights.safetensors"
+    ]
     assert calls[0] == ("lora", "kohya", "float16")
     with pytest.raises(EngineError, match="format"):
         engine.export("runs/lora", "ckpt")
     with pytest.raises(EngineError, match="outside the workspace"):
         engine.export("../..", "kohya")
-
 
 
 def test_merged_folder_export_is_one_zip_with_normal_permissions(engine, monkeypatch):
@@ -230,7 +267,10 @@ def test_merged_folder_export_is_one_zip_with_normal_permissions(engine, monkeyp
     assert not archive.with_suffix("").exists() and archive.is_file()
     with zipfile.ZipFile(archive) as z:
         modes = {i.filename: stat.S_IMODE(i.external_attr >> 16) for i in z.infolist()}
-    assert modes == {f"{archive.stem}/model_index.json": 0o644, f"{archive.stem}/unet/diffusion_pytorch_model.safetensors": 0o644}
+    assert modes == {
+        f"{archive.stem}/model_index.json": 0o644,
+        f"{archive.stem}/unet/diffusion_pytorch_model.safetensors": 0o644,
+    }
     assert stat.S_IMODE(archive.stat().st_mode) == 0o644
 
 

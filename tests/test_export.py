@@ -25,15 +25,19 @@ def trained(tiny_model, method, components, targets="attn+ff", seed=3):
     pipe = base(tiny_model)
     for i, comp in enumerate(components):
         add_adapters(getattr(pipe, comp), AdapterConfig(method=method, rank=4, alpha=6.0, targets=targets))
-        randomize_adapters(getattr(pipe, comp), seed=seed + i, std=0.05)  # realistic size: larger random adapters make the fp32 UNet chaotic
+        randomize_adapters(
+            getattr(pipe, comp), seed=seed + i, std=0.05
+        )  # realistic size: larger random adapters make the fp32 UNet chaotic
     return pipe
 
 
 def outputs(pipe):
     with torch.no_grad():
-        return (pipe.unet(**unet_inputs(pipe.unet)).sample,
-                pipe.text_encoder(text_ids()).last_hidden_state,
-                pipe.text_encoder_2(text_ids()).text_embeds)
+        return (
+            pipe.unet(**unet_inputs(pipe.unet)).sample,
+            pipe.text_encoder(text_ids()).last_hidden_state,
+            pipe.text_encoder_2(text_ids()).text_embeds,
+        )
 
 
 def assert_same(a, b, rtol=1e-5):
@@ -126,8 +130,14 @@ def test_input_axis_dora_scale_loads_by_its_definition(tmp_path, tiny_model):
         down, up = torch.randn(4, in_f, generator=g) * 0.3, torch.randn(out_f, 4, generator=g) * 0.3
         m = w0.norm(dim=0) * (1 + 0.2 * torch.randn(in_f, generator=g))
         key = "lora_unet_" + sgm_unet_name(name).replace(".", "_")
-        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0),
-                        f"{key}.dora_scale": m.reshape(1, in_f)})
+        tensors.update(
+            {
+                f"{key}.lora_down.weight": down,
+                f"{key}.lora_up.weight": up,
+                f"{key}.alpha": torch.tensor(2.0),
+                f"{key}.dora_scale": m.reshape(1, in_f),
+            }
+        )
         dense[name] = _dense_input_axis(w0, down, up, 2.0, m)
     file = tmp_path / "onetrainer.safetensors"
     save_file(tensors, str(file))
@@ -139,7 +149,9 @@ def test_input_axis_dora_scale_loads_by_its_definition(tmp_path, tiny_model):
         assert isinstance(layer, DoRAInputAxisLinear)
         torch.testing.assert_close(layer.adapted_weight(), dense[name], rtol=1e-5, atol=1e-6)
         x = torch.randn(3, layer.in_features)
-        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, dense[name], layer.base.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            layer(x), torch.nn.functional.linear(x, dense[name], layer.base.bias), rtol=1e-5, atol=1e-5
+        )
     with torch.no_grad():  # the whole UNet equals one whose weights are the dense formula
         for name in names:
             ref.unet.get_submodule(name).weight.copy_(dense[name])
@@ -159,8 +171,11 @@ def test_square_layer_1d_dora_scale_needs_the_axis(tmp_path, tiny_model):
 
     key = "lora_unet_" + sgm_unet_name(name).replace(".", "_")
     w0 = pipe.unet.get_submodule(name).weight
-    tensors = {f"{key}.lora_down.weight": torch.zeros(2, w0.shape[1]), f"{key}.lora_up.weight": torch.zeros(w0.shape[0], 2),
-               f"{key}.dora_scale": w0.detach().norm(dim=1)}
+    tensors = {
+        f"{key}.lora_down.weight": torch.zeros(2, w0.shape[1]),
+        f"{key}.lora_up.weight": torch.zeros(w0.shape[0], 2),
+        f"{key}.dora_scale": w0.detach().norm(dim=1),
+    }
     file = tmp_path / "ambiguous.safetensors"
     save_file(tensors, str(file))
     with pytest.raises(AdapterFileError, match="square layer"):
@@ -240,16 +255,19 @@ def test_verify_with_diffusers_on_a_wrong_shape_file_is_one_line(tmp_path, tiny_
     assert main(["verify", "--adapter", str(bad), "--model", tiny_model, "--loader", "diffusers"]) == 2
     err = capsys.readouterr().err  # besides diffusers' progress bars: one line
     assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("error: ")] == [
-        f"error: {raised.value}"], err[-2000:]
+        f"error: {raised.value}"
+    ], err[-2000:]
 
 
 def test_bad_kohya_files_leave_the_pipeline_unchanged(tmp_path, tiny_model):
     pipe = base(tiny_model)
     before = outputs(pipe)
-    sd15 = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 320),
-            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(320, 4),
-            "lora_te_text_model_encoder_layers_11_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
-            "lora_te_text_model_encoder_layers_11_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)}
+    sd15 = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 320),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(320, 4),
+        "lora_te_text_model_encoder_layers_11_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+        "lora_te_text_model_encoder_layers_11_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4),
+    }
     file = tmp_path / "sd15_kohya.safetensors"
     save_file(sd15, str(file))
     with pytest.raises(AdapterFileError, match=r"sd15_kohya\.safetensors.*does not fit"):
@@ -258,8 +276,11 @@ def test_bad_kohya_files_leave_the_pipeline_unchanged(tmp_path, tiny_model):
     from dora_diffusion.formats.original import sgm_unet_name
 
     key = "lora_unet_" + sgm_unet_name(name).replace(".", "_")
-    bad_scale = {f"{key}.lora_down.weight": torch.zeros(2, 64), f"{key}.lora_up.weight": torch.zeros(64, 2),
-                 f"{key}.dora_scale": torch.ones(3, 1)}
+    bad_scale = {
+        f"{key}.lora_down.weight": torch.zeros(2, 64),
+        f"{key}.lora_up.weight": torch.zeros(64, 2),
+        f"{key}.dora_scale": torch.ones(3, 1),
+    }
     save_file(bad_scale, str(tmp_path / "bad_scale.safetensors"))
     with pytest.raises(AdapterFileError, match="dora_scale shape"):
         load_adapter(pipe, tmp_path / "bad_scale.safetensors")
@@ -287,10 +308,22 @@ def test_files_written_like_diffusers_dreambooth_script(tmp_path, tiny_model, us
     from peft.utils import get_peft_model_state_dict
 
     pipe = base(tiny_model)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", use_dora=use_dora,
-                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    te_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", use_dora=use_dora,
-                           target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            use_dora=use_dora,
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    te_config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        init_lora_weights="gaussian",
+        use_dora=use_dora,
+        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+    )
     pipe.text_encoder.add_adapter(te_config)
     pipe.text_encoder_2.add_adapter(te_config)
     g = torch.Generator().manual_seed(0)

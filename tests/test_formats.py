@@ -91,7 +91,9 @@ def test_text_encoder_magnitudes_spelled_without_weight_are_dropped_by_diffusers
     pipe = trained_pipe(tiny_components, "dora", components=("text_encoder",))
     file = save_adapter(pipe, tmp_path)
     with safe_open(str(file), "pt") as f:
-        tensors = {k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): f.get_tensor(k) for k in f.keys()}
+        tensors = {
+            k.replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): f.get_tensor(k) for k in f.keys()
+        }
         meta = f.metadata()
     legacy = tmp_path / "legacy.safetensors"
     save_file(tensors, str(legacy), metadata=meta)
@@ -223,8 +225,10 @@ def test_adapter_for_another_architecture_is_refused(tiny_components, tmp_path):
     q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     k = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     sd15 = {
-        f"unet.{q}.lora.down.weight": torch.zeros(4, 640), f"unet.{q}.lora.up.weight": torch.zeros(640, 4),
-        f"unet.{k}.lora.down.weight": torch.zeros(4, 768), f"unet.{k}.lora.up.weight": torch.zeros(640, 4),
+        f"unet.{q}.lora.down.weight": torch.zeros(4, 640),
+        f"unet.{q}.lora.up.weight": torch.zeros(640, 4),
+        f"unet.{k}.lora.down.weight": torch.zeros(4, 768),
+        f"unet.{k}.lora.up.weight": torch.zeros(640, 4),
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(4, 320),
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.zeros(320, 4),
     }

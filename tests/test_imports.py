@@ -12,7 +12,9 @@ PACKAGE = "dora_diffusion"
 # compare and sweep, which train the runs they compare), and train itself.
 TRAIN_IMPORTERS = {f"{PACKAGE}.{m}" for m in ("cli", "engine", "demo", "compare", "sweep", "train")}
 # Importers of train still to be moved off it (each its own xfail below, so that a new one fails here).
-PENDING_TRAIN_IMPORTERS = {f"{PACKAGE}.world.pretrain": "takes train.loss_weights (the min-SNR weights) for its UNet loss"}
+PENDING_TRAIN_IMPORTERS = {
+    f"{PACKAGE}.world.pretrain": "takes train.loss_weights (the min-SNR weights) for its UNet loss"
+}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -117,8 +119,10 @@ def _train_importers() -> set[str]:
 
 def test_only_the_shells_import_train():
     importers = sorted(_train_importers() - set(PENDING_TRAIN_IMPORTERS))
-    assert not importers, (f"{', '.join(importers)} import {PACKAGE}.train; facts a run or a model holds live in "
-                           "runs / models, and only the shells that start runs import the loop")
+    assert not importers, (
+        f"{', '.join(importers)} import {PACKAGE}.train; facts a run or a model holds live in "
+        "runs / models, and only the shells that start runs import the loop"
+    )
 
 
 @pytest.mark.parametrize("module", sorted(PENDING_TRAIN_IMPORTERS))

@@ -137,7 +137,9 @@ def _peft_twin(model, ours, method, rank, alpha, dtype):
 
 def _compare_with_peft(model, run, method, dtype, tol, targets="attn+ff"):
     ours = copy.deepcopy(model).to(dtype)
-    add_adapters(ours, AdapterConfig(method=method, rank=4, alpha=6, targets=targets, adapter_dtype=str(dtype).split(".")[1]))
+    add_adapters(
+        ours, AdapterConfig(method=method, rank=4, alpha=6, targets=targets, adapter_dtype=str(dtype).split(".")[1])
+    )
     randomize_adapters(ours, std=0.2)
     twin = _peft_twin(model, ours, method, 4, 6, dtype)
     y_ours, y_peft = run(ours), run(twin)
@@ -191,7 +193,9 @@ def test_remove_adapters_restores_base(tiny_components):
     remove_adapters(unet)
     inputs = unet_inputs(unet)
     with torch.no_grad():
-        torch.testing.assert_close(unet(**inputs).sample, tiny_components["unet"](**inputs).sample, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            unet(**inputs).sample, tiny_components["unet"](**inputs).sample, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_find_targets_skips_existing_wrappers(tiny_components):
@@ -219,7 +223,8 @@ def test_granularity_policy(tiny_components, tmp_path):
     assert {kinds[n] for n in names if ".ff." not in n} == {"dora"}
     per = adapter_summary(pipe.unet)["per_method"]
     assert per["magnitude"]["trainable_parameters"] == sum(
-        a.out_features for _, a in adapter_modules(pipe.unet) if a.method == "magnitude")
+        a.out_features for _, a in adapter_modules(pipe.unet) if a.method == "magnitude"
+    )
     randomize_adapters(pipe.unet, std=0.05)
     save_adapter(pipe, tmp_path)
     inputs = unet_inputs(pipe.unet)
@@ -248,7 +253,10 @@ def test_gradient_checkpointing_gives_the_same_dora_gradients(tiny_components, m
     """The fused DoRA node re-run by activation checkpointing (and the norm cache across the re-run)
     gives the gradients of the plain run."""
     unet = copy.deepcopy(tiny_components["unet"]).double()
-    add_adapters(unet, AdapterConfig(method="dora", rank=4, targets="attn+ff", adapter_dtype="float64", memory_saving=memory_saving))
+    add_adapters(
+        unet,
+        AdapterConfig(method="dora", rank=4, targets="attn+ff", adapter_dtype="float64", memory_saving=memory_saving),
+    )
     randomize_adapters(unet, std=0.05)
     ckpt = copy.deepcopy(unet)
     ckpt.enable_gradient_checkpointing()

@@ -31,7 +31,10 @@ def _pair(method, dtype, bias, in_f=24, out_f=40, rank=4, alpha=8.0, seed=0):
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(in_f, out_f, bias=bias, dtype=dtype))
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
-    add_adapters(ours, AdapterConfig(method=method, rank=rank, alpha=alpha, targets=["0"], adapter_dtype=str(dtype).split(".")[1]))
+    add_adapters(
+        ours,
+        AdapterConfig(method=method, rank=rank, alpha=alpha, targets=["0"], adapter_dtype=str(dtype).split(".")[1]),
+    )
     peft = get_peft_model(theirs, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], use_dora=method == "dora"))
     a, p = ours[0], peft.base_model.model[0]
     with torch.no_grad():
@@ -92,7 +95,11 @@ def test_output_equals_base_at_init(cls):
 
 def _trained(cls, dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
-    adapter = cls(nn.Linear(16, 12, dtype=dtype), rank=3, alpha=6, dtype=dtype, **kw) if cls is not MagnitudeLinear else cls(nn.Linear(16, 12, dtype=dtype), dtype=dtype)
+    adapter = (
+        cls(nn.Linear(16, 12, dtype=dtype), rank=3, alpha=6, dtype=dtype, **kw)
+        if cls is not MagnitudeLinear
+        else cls(nn.Linear(16, 12, dtype=dtype), dtype=dtype)
+    )
     with torch.no_grad():
         for n, p in adapter.named_parameters():
             if not n.startswith("base."):
@@ -228,13 +235,17 @@ def test_norm_is_cached_per_step_and_invalidated_by_optimizer(monkeypatch):
     adapter(x)
     assert len(calls) == 2
     # the cached value is the true norm of the current weights
-    torch.testing.assert_close(adapter.weight_norm(), dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling))
+    torch.testing.assert_close(
+        adapter.weight_norm(), dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
+    )
     set_adapter_scale(adapter, 0.5)
     adapter(x)
     assert len(calls) == 3  # a new scale is a new norm
     with torch.no_grad():
         adapter.base.weight.mul_(2)  # W0 changed in place: ‖W0‖² refreshed too
-    torch.testing.assert_close(adapter.weight_norm(), dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling))
+    torch.testing.assert_close(
+        adapter.weight_norm(), dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
+    )
 
 
 class _CountBaseMatmuls(TorchDispatchMode):
@@ -262,7 +273,9 @@ def test_one_base_matmul_per_forward(tokens, grad):
         y = adapter(x)
     assert counter.count == 1
     with torch.no_grad():
-        torch.testing.assert_close(y, nn.functional.linear(x, adapter.adapted_weight(), adapter.base.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            y, nn.functional.linear(x, adapter.adapted_weight(), adapter.base.bias), rtol=1e-5, atol=1e-5
+        )
     if grad:  # backward: dx only (the output-saving layer needs no recompute)
         with _CountBaseMatmuls(adapter.base.weight.shape) as counter:
             y.sum().backward()
@@ -322,7 +335,9 @@ def test_dropout_only_in_training():
     adapter.train()
     assert not torch.allclose(adapter(x), adapter(x))
     adapter.eval()
-    by_hand = x @ adapter.base.weight.T + adapter.base.bias + (x @ adapter.lora_A.T) @ adapter.lora_B.T  # s = alpha / r = 1
+    by_hand = (
+        x @ adapter.base.weight.T + adapter.base.bias + (x @ adapter.lora_A.T) @ adapter.lora_B.T
+    )  # s = alpha / r = 1
     torch.testing.assert_close(adapter(x), by_hand.detach())
 
 
@@ -406,7 +421,10 @@ def test_add_adapters_marks_residual_tails(tiny_components):
 def _dense_dora(adapter: DoRALinear, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Reference DoRA by autograd on the plain formula, detached norm: g ⊙ (W0·x + s·B·A·h) + b."""
     n = dense_row_norm(adapter.base.weight, adapter.lora_A, adapter.lora_B, adapter.scaling).detach()
-    z = nn.functional.linear(x, adapter.base.weight) + nn.functional.linear(nn.functional.linear(h, adapter.lora_A), adapter.lora_B) * adapter.scaling
+    z = (
+        nn.functional.linear(x, adapter.base.weight)
+        + nn.functional.linear(nn.functional.linear(h, adapter.lora_A), adapter.lora_B) * adapter.scaling
+    )
     y = z * (adapter.magnitude / n)
     return y + adapter.base.bias if adapter.base.bias is not None else y
 
@@ -419,7 +437,9 @@ def test_fused_dora_layer_matches_dense_autograd(tokens, bias, dropout, magnitud
     """The fused forward/backward (g folded into W0 or applied to the output; dropout; the magnitude's
     gradient from the output or by recomputation) against autograd through the dense formula, fp64."""
     torch.manual_seed(0)
-    adapter = DoRALinear(nn.Linear(24, 20, bias=bias, dtype=torch.float64), rank=4, alpha=8, dropout=dropout, dtype=torch.float64)
+    adapter = DoRALinear(
+        nn.Linear(24, 20, bias=bias, dtype=torch.float64), rank=4, alpha=8, dropout=dropout, dtype=torch.float64
+    )
     adapter.magnitude_grad = magnitude_grad
     with torch.no_grad():
         adapter.lora_B.normal_()
@@ -437,7 +457,9 @@ def test_fused_dora_layer_matches_dense_autograd(tokens, bias, dropout, magnitud
     y_ref.backward(g)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
     for name in ("lora_A", "lora_B", "magnitude"):
-        torch.testing.assert_close(getattr(adapter, name).grad, getattr(ref, name).grad, rtol=1e-10, atol=1e-10, msg=name)
+        torch.testing.assert_close(
+            getattr(adapter, name).grad, getattr(ref, name).grad, rtol=1e-10, atol=1e-10, msg=name
+        )
     assert adapter.base.weight.grad is None
 
 

@@ -134,19 +134,25 @@ def test_unet_conditioning_dimensions_add_up(components: dict) -> None:
         (
             "unet",
             "unet_config.json",
-            ["down_block_types", "mid_block_type", "up_block_types", "layers_per_block", "in_channels",
-             "out_channels", "addition_embed_type", "use_linear_projection", "act_fn",
-             "flip_sin_to_cos"],
+            [
+                "down_block_types",
+                "mid_block_type",
+                "up_block_types",
+                "layers_per_block",
+                "in_channels",
+                "out_channels",
+                "addition_embed_type",
+                "use_linear_projection",
+                "act_fn",
+                "flip_sin_to_cos",
+            ],
         ),
-        ("vae", "vae_config.json", ["down_block_types", "up_block_types", "latent_channels",
-                                    "scaling_factor"]),
+        ("vae", "vae_config.json", ["down_block_types", "up_block_types", "latent_channels", "scaling_factor"]),
         ("text_encoder", "text_encoder_config.json", ["hidden_act", "max_position_embeddings"]),
         ("text_encoder_2", "text_encoder_2_config.json", ["hidden_act", "max_position_embeddings"]),
     ],
 )
-def test_structure_matches_real_sdxl(
-    components: dict, component: str, config_file: str, keys: list[str]
-) -> None:
+def test_structure_matches_real_sdxl(components: dict, component: str, config_file: str, keys: list[str]) -> None:
     real = _real_config(config_file)
     tiny = components[component].config
     for key in keys:
@@ -203,7 +209,13 @@ def test_prompt_tokenizes_to_whole_words(components: dict, tiny_dir: Path) -> No
     for tokenizer in (components["tokenizer"], components["tokenizer_2"], reloaded):
         ids = tokenizer("a photo of sks toy").input_ids
         assert tokenizer.convert_ids_to_tokens(ids) == [
-            "<|startoftext|>", "a</w>", "photo</w>", "of</w>", "sks</w>", "toy</w>", "<|endoftext|>",
+            "<|startoftext|>",
+            "a</w>",
+            "photo</w>",
+            "of</w>",
+            "sks</w>",
+            "toy</w>",
+            "<|endoftext|>",
         ]
 
 
@@ -250,9 +262,7 @@ def test_local_pipeline_folder_resolves_to_itself(tiny_dir: Path) -> None:
     assert resolve_model(str(tiny_dir)) == tiny_dir
 
 
-def test_cached_hub_id_resolves_and_loads(
-    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cached_hub_id_resolves_and_loads(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
     commit = "0" * 40

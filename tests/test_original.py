@@ -145,10 +145,14 @@ def test_unet_names_follow_the_config():
     """An SD 1.x-shaped UNet (attention in the first three levels, one resnet per level): names follow
     its config, and diffusers' converter agrees."""
     config = dict(
-        sample_size=8, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+        sample_size=8,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=8, attention_head_dim=2,
+        cross_attention_dim=8,
+        attention_head_dim=2,
     )
     unet = UNet2DConditionModel(**config)
     _check_unet_names(unet)
@@ -212,7 +216,9 @@ def test_checkpoint_keys(single_file, tiny_components):
     assert all(any(key.startswith(p) for key in keys) for p in PREFIXES)
     assert EXTRAS <= keys and position_ids.dtype == torch.int64 and position_ids.tolist() == [list(range(77))]
     # one key per model tensor, except q/k/v (6 tensors) fused into in_proj_weight/bias in each te2 layer
-    counts = {name: len(tiny_components[name].state_dict()) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    counts = {
+        name: len(tiny_components[name].state_dict()) for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+    }
     te2_layers = tiny_components["text_encoder_2"].config.num_hidden_layers
     assert len(keys) == sum(counts.values()) - 4 * te2_layers + len(EXTRAS)
     # the tiny text_encoder_2 has 2 layers, so diffusers' SDXL probe (resblocks.9) misses: config= is needed
@@ -235,12 +241,20 @@ def test_from_single_file_matches_the_pipeline(single_file, tiny_components):
         unet = tiny_components["unet"]
         torch.testing.assert_close(pipe.unet(**unet_inputs(pipe.unet)).sample, unet(**unet_inputs(unet)).sample, **tol)
         latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(pipe.vae.decode(latents).sample, tiny_components["vae"].decode(latents).sample, **tol)
+        torch.testing.assert_close(
+            pipe.vae.decode(latents).sample, tiny_components["vae"].decode(latents).sample, **tol
+        )
         ids = text_ids()
-        a, b = pipe.text_encoder(ids, output_hidden_states=True), tiny_components["text_encoder"](ids, output_hidden_states=True)
+        a, b = (
+            pipe.text_encoder(ids, output_hidden_states=True),
+            tiny_components["text_encoder"](ids, output_hidden_states=True),
+        )
         torch.testing.assert_close(a.hidden_states[-2], b.hidden_states[-2], **tol)
         torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, **tol)
-        a, b = pipe.text_encoder_2(ids, output_hidden_states=True), tiny_components["text_encoder_2"](ids, output_hidden_states=True)
+        a, b = (
+            pipe.text_encoder_2(ids, output_hidden_states=True),
+            tiny_components["text_encoder_2"](ids, output_hidden_states=True),
+        )
         torch.testing.assert_close(a.text_embeds, b.text_embeds, **tol)
         torch.testing.assert_close(a.hidden_states[-2], b.hidden_states[-2], **tol)
 
@@ -249,7 +263,9 @@ def test_from_single_file_matches_the_pipeline(single_file, tiny_components):
 
 
 def test_save_dtype_and_metadata(tmp_path, tiny_components):
-    path = save_original_sdxl(tiny_components, tmp_path / "half.safetensors", dtype=torch.float16, metadata={"a": "b", "n": 3})
+    path = save_original_sdxl(
+        tiny_components, tmp_path / "half.safetensors", dtype=torch.float16, metadata={"a": "b", "n": 3}
+    )
     with safe_open(path, "pt") as f:
         assert f.metadata() == {"a": "b", "n": "3"}
         assert f.get_tensor(UNET_PREFIX + "input_blocks.0.0.weight").dtype == torch.float16

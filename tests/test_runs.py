@@ -37,9 +37,23 @@ def embedded_run(tmp_path_factory):
     for p in sorted(SAMPLE.glob("*.jpg"))[:2]:
         shutil.copy(p, data / p.name)
     out = tmp / "run"
-    train(TrainConfig(data=str(data), prompt="a photo of sks toy", output=str(out), model=None, method="dora", rank=2,
-                      targets="to_q,to_v", max_steps=1, validation_steps=0, num_validation_images=1, validation_inference_steps=2,
-                      report_to="none", learning_rate=1e-2))
+    train(
+        TrainConfig(
+            data=str(data),
+            prompt="a photo of sks toy",
+            output=str(out),
+            model=None,
+            method="dora",
+            rank=2,
+            targets="to_q,to_v",
+            max_steps=1,
+            validation_steps=0,
+            num_validation_images=1,
+            validation_inference_steps=2,
+            report_to="none",
+            learning_rate=1e-2,
+        )
+    )
     return out
 
 
@@ -58,8 +72,9 @@ def test_a_bare_adapter_file_of_an_embedded_model_run_is_analysed_on_the_embedde
     assert describe_run(bare).model is None
     alone = analyze_runs([bare], layers=["to_q"])
     in_run = analyze_runs([embedded_run], layers=["to_q"])
-    assert alone.rows and [(r.layer, r.delta_m, r.delta_d) for r in alone.rows] == \
-        [(r.layer, r.delta_m, r.delta_d) for r in in_run.rows]
+    assert alone.rows and [(r.layer, r.delta_m, r.delta_d) for r in alone.rows] == [
+        (r.layer, r.delta_m, r.delta_d) for r in in_run.rows
+    ]
 
 
 def test_every_reader_resolves_the_embedded_marker(embedded_run, tmp_path):
@@ -80,7 +95,9 @@ def test_every_reader_resolves_the_embedded_marker(embedded_run, tmp_path):
 
 
 def test_a_recorded_model_id_is_read_back_as_it_was_given(tiny_components, tmp_path):
-    file = write_adapter(tiny_components, tmp_path / "a.safetensors", {"base_model": runs.model_record("org/some-sdxl")})
+    file = write_adapter(
+        tiny_components, tmp_path / "a.safetensors", {"base_model": runs.model_record("org/some-sdxl")}
+    )
     assert runs.base_model(file) == "org/some-sdxl"
     assert runs.model_record(None) == runs.EMBEDDED_MODEL and runs.model_from_record(runs.EMBEDDED_MODEL) is None
     assert runs.model_from_record("") is None and runs.model_from_record(None) is None
@@ -88,7 +105,9 @@ def test_a_recorded_model_id_is_read_back_as_it_was_given(tiny_components, tmp_p
 
 def test_the_run_folder_as_training_writes_it(embedded_run):
     config = runs.read_run_config(embedded_run)
-    assert config["model"] is None and config["max_steps"] == 1 and config["resolution"] == 64  # the embedded model's size
+    assert (
+        config["model"] is None and config["max_steps"] == 1 and config["resolution"] == 64
+    )  # the embedded model's size
     assert [r["step"] for r in runs.read_log(embedded_run)] == [1]
     assert [(v.step, v.seed) for v in runs.validation_images(embedded_run)] == [(1, 0)]
     assert runs.adapter_file(embedded_run).is_file() and runs.comfyui_file(embedded_run).is_file()
@@ -111,8 +130,13 @@ def test_adapter_metadata_round_trip(tiny_components, tmp_path):
     file = write_adapter(tiny_components, tmp_path / "run", recorded)
     assert file == runs.adapter_file(tmp_path / "run")
     meta = runs.adapter_metadata(tmp_path / "run")  # a folder: its adapter file
-    assert recorded == {"base_model": runs.EMBEDDED_MODEL, "instance_prompt": "a photo of sks toy",
-                        "trained_steps": 7, "resolution": 64, "seed": 3}
+    assert recorded == {
+        "base_model": runs.EMBEDDED_MODEL,
+        "instance_prompt": "a photo of sks toy",
+        "trained_steps": 7,
+        "resolution": 64,
+        "seed": 3,
+    }
     assert {k: meta[k] for k in recorded} == recorded
     assert meta["components"]["unet"]["rank"] == 2
 
@@ -173,7 +197,12 @@ def test_checkpoint_discovery(tmp_path):
     runs.checkpoint_dir(tmp_path, 11).mkdir()  # incomplete: no state.json yet
     runs.checkpoint_staging_dir(tmp_path, 12).mkdir()
     (tmp_path / runs.CHECKPOINT_DIR / "checkpoint-old").mkdir()
-    assert [p.name for p in runs.checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10", "checkpoint-11"]
+    assert [p.name for p in runs.checkpoints(tmp_path)] == [
+        "checkpoint-2",
+        "checkpoint-9",
+        "checkpoint-10",
+        "checkpoint-11",
+    ]
     latest = runs.latest_checkpoint(tmp_path)
     assert latest == tmp_path / "checkpoints" / "checkpoint-10" and runs.checkpoint_step(latest) == 10
     assert runs.is_checkpoint(latest) and not runs.is_checkpoint(runs.checkpoint_dir(tmp_path, 11))
@@ -187,7 +216,10 @@ def test_validation_image_names(tmp_path):
     path = runs.validation_image_path(tmp_path, 100, 0)
     assert path == tmp_path / "validation" / "step000100_seed0.png"
     assert runs.parse_validation_name(path.name) == (100, 0)
-    assert runs.parse_validation_name("step000100_seed0.png.tmp") is None and runs.parse_validation_name("grid.png") is None
+    assert (
+        runs.parse_validation_name("step000100_seed0.png.tmp") is None
+        and runs.parse_validation_name("grid.png") is None
+    )
     assert runs.validation_images(tmp_path) == []
     path.parent.mkdir()
     for step, seed in ((100, 10), (100, 2), (25, 0)):
@@ -195,7 +227,10 @@ def test_validation_image_names(tmp_path):
     (path.parent / ".step000200_seed0.png.tmp").write_bytes(b"")
     (path.parent / "stepwise.png").write_bytes(b"")
     assert [(v.step, v.seed, v.path.name) for v in runs.validation_images(tmp_path)] == [
-        (25, 0, "step000025_seed0.png"), (100, 2, "step000100_seed2.png"), (100, 10, "step000100_seed10.png")]
+        (25, 0, "step000025_seed0.png"),
+        (100, 2, "step000100_seed2.png"),
+        (100, 10, "step000100_seed10.png"),
+    ]
 
 
 def test_class_images_sit_beside_the_run(tmp_path):
@@ -209,8 +244,18 @@ def test_class_images_sit_beside_the_run(tmp_path):
 
 
 def test_no_other_module_spells_the_run_folder_names():
-    names = {runs.CONFIG_NAME, runs.LOG_NAME, runs.STATE_NAME, runs.CHECKPOINT_ADAPTER_NAME, runs.RANKS_NAME,
-             runs.LOCK_NAME, runs.EMBEDDED_MODEL, "tiny-sdxl (embedded)", "checkpoint-*", "step*.png"}
+    names = {
+        runs.CONFIG_NAME,
+        runs.LOG_NAME,
+        runs.STATE_NAME,
+        runs.CHECKPOINT_ADAPTER_NAME,
+        runs.RANKS_NAME,
+        runs.LOCK_NAME,
+        runs.EMBEDDED_MODEL,
+        "tiny-sdxl (embedded)",
+        "checkpoint-*",
+        "step*.png",
+    }
     found = []
     for file in sorted(PACKAGE.rglob("*.py")):
         if file.name == "runs.py":
@@ -222,7 +267,9 @@ def test_no_other_module_spells_the_run_folder_names():
 
 
 def test_analysis_and_engine_do_not_import_the_training_loop():
-    code = ("import sys, dora_diffusion.analysis, dora_diffusion.engine, dora_diffusion.export, dora_diffusion.runs; "
-            "print('dora_diffusion.train' in sys.modules)")
+    code = (
+        "import sys, dora_diffusion.analysis, dora_diffusion.engine, dora_diffusion.export, dora_diffusion.runs; "
+        "print('dora_diffusion.train' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr

@@ -14,14 +14,23 @@ from helpers import SAMPLE
 
 
 def _cell(method, rank, seed, fid, drift, step_ms=100.0):
-    return {"method": method, "rank": rank, "seed": seed, "eval_seeds": 4, "step_ms": step_ms, "final_loss": 0.1,
-            "trainable_parameters": 1000 * rank, "subject_fidelity": {"mean": fid, "std": 0.01, "n": 4},
-            "drift": {"mean": drift, "std": 0.02, "n": 4}}
+    return {
+        "method": method,
+        "rank": rank,
+        "seed": seed,
+        "eval_seeds": 4,
+        "step_ms": step_ms,
+        "final_loss": 0.1,
+        "trainable_parameters": 1000 * rank,
+        "subject_fidelity": {"mean": fid, "std": 0.01, "n": 4},
+        "drift": {"mean": drift, "std": 0.02, "n": 4},
+    }
 
 
 def _config(tmp_path, **kw):
-    base = dict(output=str(tmp_path / "sweep"), data=str(SAMPLE), prompt="a photo of sks toy",
-                class_prompt="a photo of a toy")
+    base = dict(
+        output=str(tmp_path / "sweep"), data=str(SAMPLE), prompt="a photo of sks toy", class_prompt="a photo of a toy"
+    )
     base.update(kw)
     return SweepConfig(**base)
 
@@ -65,8 +74,18 @@ def test_a_model_without_judge_needs_dino(tmp_path, tiny_model):
 
 @pytest.mark.slow
 def test_small_sweep_end_to_end_and_resumes(tmp_path, monkeypatch):
-    cfg = _config(tmp_path, methods=("lora", "dora"), ranks=(2,), seeds=(0, 1), steps=2, num_class_images=2,
-                  eval_seeds=2, inference_steps=2, scene_prompts={"sks toy on the grass": "grass"}, threads=1)
+    cfg = _config(
+        tmp_path,
+        methods=("lora", "dora"),
+        ranks=(2,),
+        seeds=(0, 1),
+        steps=2,
+        num_class_images=2,
+        eval_seeds=2,
+        inference_steps=2,
+        scene_prompts={"sks toy on the grass": "grass"},
+        threads=1,
+    )
     summary = run_sweep(cfg, progress=lambda *_: None)
     out = tmp_path / "sweep"
     for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "base.json"):
@@ -92,8 +111,22 @@ def test_small_sweep_end_to_end_and_resumes(tmp_path, monkeypatch):
 
     # other settings: the cell is stale and is trained again
     calls = []
-    monkeypatch.setattr(sweep, "_train_cell", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(
+        sweep, "_train_cell", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(RuntimeError("stop"))
+    )
     with pytest.raises(RuntimeError, match="stop"):
-        run_sweep(_config(tmp_path, methods=("lora",), ranks=(2,), seeds=(0,), steps=3, num_class_images=2,
-                          eval_seeds=2, inference_steps=2, threads=1), progress=lambda *_: None)
+        run_sweep(
+            _config(
+                tmp_path,
+                methods=("lora",),
+                ranks=(2,),
+                seeds=(0,),
+                steps=3,
+                num_class_images=2,
+                eval_seeds=2,
+                inference_steps=2,
+                threads=1,
+            ),
+            progress=lambda *_: None,
+        )
     assert len(calls) == 1

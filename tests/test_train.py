@@ -31,9 +31,19 @@ def small_data(tmp_path_factory):
 
 
 def quick(tiny_model, small_data, output, **kw):
-    base = dict(data=small_data, prompt="a photo of sks toy", output=str(output), model=tiny_model, resolution=64,
-                max_steps=4, validation_steps=0, num_validation_images=1, validation_inference_steps=2,
-                report_to="none", learning_rate=1e-3)
+    base = dict(
+        data=small_data,
+        prompt="a photo of sks toy",
+        output=str(output),
+        model=tiny_model,
+        resolution=64,
+        max_steps=4,
+        validation_steps=0,
+        num_validation_images=1,
+        validation_inference_steps=2,
+        report_to="none",
+        learning_rate=1e-3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -69,8 +79,12 @@ def test_batch_order_is_a_function_of_the_step():
 
 def test_prompt_encoding_shapes(tiny_components):
     c = tiny_components
-    embeds, pooled = encode_prompts([c["text_encoder"], c["text_encoder_2"]], [c["tokenizer"], c["tokenizer_2"]],
-                                    ["a photo of sks toy", "a dog"], "cpu")
+    embeds, pooled = encode_prompts(
+        [c["text_encoder"], c["text_encoder_2"]],
+        [c["tokenizer"], c["tokenizer_2"]],
+        ["a photo of sks toy", "a dog"],
+        "cpu",
+    )
     assert embeds.shape == (2, 77, c["unet"].config.cross_attention_dim)
     assert pooled.shape == (2, c["text_encoder_2"].config.projection_dim)
 
@@ -82,8 +96,17 @@ def _adapter(path):
 @pytest.mark.slow
 def test_resume_is_exact(tiny_model, small_data, tmp_path):
     """N steps, stop, resume for N more == 2N steps straight (DoRA, dropout, warm-up schedule, accumulation)."""
-    kw = dict(method="dora", dropout=0.1, lr_schedule="linear", lr_warmup_steps=2, gradient_accumulation=2,
-              max_steps=6, checkpoint_steps=3, cache_latents=False, train_text_encoder=True)
+    kw = dict(
+        method="dora",
+        dropout=0.1,
+        lr_schedule="linear",
+        lr_warmup_steps=2,
+        gradient_accumulation=2,
+        max_steps=6,
+        checkpoint_steps=3,
+        cache_latents=False,
+        train_text_encoder=True,
+    )
     straight = train(quick(tiny_model, small_data, tmp_path / "straight", **kw))
     stopped = train(quick(tiny_model, small_data, tmp_path / "resumed", **kw), should_stop=lambda step, loss: step == 3)
     assert stopped.stopped and stopped.steps == 3
@@ -111,17 +134,43 @@ def test_cli_end_to_end_and_both_loaders(tiny_model, small_data, tmp_path):
 
     out = tmp_path / "cli-run"
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'data = "{small_data}"\nprompt = "a photo of sks toy"\nmethod = "lora"\nrank = 4\n'
-                   'max-steps = 100\nresolution = 64\nreport_to = "tensorboard"\n')
-    code = main(["train", "--config", str(cfg), "--method", "dora", "--max-steps", "3", "--model", tiny_model,
-                 "--output", str(out), "--validation-steps", "2", "--validation-inference-steps", "2",
-                 "--checkpoint-steps", "2", "--learning-rate", "0.01"])
+    cfg.write_text(
+        f'data = "{small_data}"\nprompt = "a photo of sks toy"\nmethod = "lora"\nrank = 4\n'
+        'max-steps = 100\nresolution = 64\nreport_to = "tensorboard"\n'
+    )
+    code = main(
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--method",
+            "dora",
+            "--max-steps",
+            "3",
+            "--model",
+            tiny_model,
+            "--output",
+            str(out),
+            "--validation-steps",
+            "2",
+            "--validation-inference-steps",
+            "2",
+            "--checkpoint-steps",
+            "2",
+            "--learning-rate",
+            "0.01",
+        ]
+    )
     assert code == 0
     resolved = json.loads((out / "training_config.json").read_text())
     assert resolved["method"] == "dora" and resolved["max_steps"] == 3 and resolved["rank"] == 4  # CLI wins, file fills
     assert (out / "README.md").read_text().count("load_lora_weights") == 1
     assert sorted(p.name for p in (out / "validation").iterdir()) == [  # 2 images (seeds 0, 1) at steps 2 and 3
-        "step000002_seed0.png", "step000002_seed1.png", "step000003_seed0.png", "step000003_seed1.png"]
+        "step000002_seed0.png",
+        "step000002_seed1.png",
+        "step000003_seed0.png",
+        "step000003_seed1.png",
+    ]
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     ours = StableDiffusionXLPipeline.from_pretrained(tiny_model)
@@ -141,7 +190,11 @@ def test_cli_end_to_end_and_both_loaders(tiny_model, small_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(comfy.unet(**unet_inputs(comfy.unet, size=8)).sample, a, rtol=1e-5, atol=1e-5)
     card = (out / "README.md").read_text()
-    assert "| ComfyUI, Forge | `comfyui/cli-run.safetensors`" in card and "--format kohya" in card and "merged-single" in card
+    assert (
+        "| ComfyUI, Forge | `comfyui/cli-run.safetensors`" in card
+        and "--format kohya" in card
+        and "merged-single" in card
+    )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -169,13 +222,56 @@ def test_two_process_cpu_run(tiny_model, small_data, tmp_path):
     import time
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--multi_gpu",
-           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "dora_diffusion.cli", "train",
-           "--data", small_data, "--prompt", "a photo of sks toy", "--model", tiny_model, "--output", str(out),
-           "--resolution", "64", "--max-steps", "3", "--validation-steps", "0", "--num-validation-images", "1",
-           "--validation-inference-steps", "2", "--report-to", "none", "--method", "dora", "--learning-rate", "0.01"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dora_diffusion.cli",
+        "train",
+        "--data",
+        small_data,
+        "--prompt",
+        "a photo of sks toy",
+        "--model",
+        tiny_model,
+        "--output",
+        str(out),
+        "--resolution",
+        "64",
+        "--max-steps",
+        "3",
+        "--validation-steps",
+        "0",
+        "--num-validation-images",
+        "1",
+        "--validation-inference-steps",
+        "2",
+        "--report-to",
+        "none",
+        "--method",
+        "dora",
+        "--learning-rate",
+        "0.01",
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     log_path = tmp_path / "launch.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -204,7 +300,9 @@ def test_existing_output_is_never_silently_overwritten(tiny_model, small_data, t
     out = tmp_path / "precious"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code = main(["train", "--data", small_data, "--prompt", "a photo of sks toy", "--output", str(out), "--model", tiny_model])
+    code = main(
+        ["train", "--data", small_data, "--prompt", "a photo of sks toy", "--output", str(out), "--model", tiny_model]
+    )
     assert code == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
@@ -213,9 +311,27 @@ def test_existing_output_is_never_silently_overwritten(tiny_model, small_data, t
 def test_bad_input_is_a_clear_error(tiny_model, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["train", "--data", str(empty), "--prompt", "p", "--output", str(tmp_path / "o1"), "--model", tiny_model]) == 2
+    assert (
+        main(["train", "--data", str(empty), "--prompt", "p", "--output", str(tmp_path / "o1"), "--model", tiny_model])
+        == 2
+    )
     assert str(empty) in capsys.readouterr().err
-    assert main(["train", "--data", str(empty), "--prompt", "p", "--output", str(tmp_path / "o2"), "--model", str(tmp_path / "nope")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(empty),
+                "--prompt",
+                "p",
+                "--output",
+                str(tmp_path / "o2"),
+                "--model",
+                str(tmp_path / "nope"),
+            ]
+        )
+        == 2
+    )
     assert "nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--method", "vera"])
@@ -227,7 +343,24 @@ def test_bad_input_is_a_clear_error(tiny_model, tmp_path, capsys):
     bad_cfg.write_text("learning_rat = 1e-4\n")
     assert main(["train", "--config", str(bad_cfg)]) == 2
     assert "learning_rat" in capsys.readouterr().err
-    assert main(["train", "--data", str(empty), "--prompt", "p", "--output", str(tmp_path / "o3"), "--resume", "latest", "--model", tiny_model]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(empty),
+                "--prompt",
+                "p",
+                "--output",
+                str(tmp_path / "o3"),
+                "--resume",
+                "latest",
+                "--model",
+                tiny_model,
+            ]
+        )
+        == 2
+    )
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -240,13 +373,17 @@ def test_corrupt_images_are_skipped_and_named(tiny_model, small_data, tmp_path):
     assert result.adapter_file.is_file()
 
 
-@pytest.mark.parametrize("options", [
-    {"snr_gamma": 5.0, "noise_offset": 0.05},
-    {"mixed_precision": "bf16", "gradient_checkpointing": True},
-    {"method": "magnitude", "cache_latents": False, "batch_size": 2},
-    {"method": "dvora", "policy": None, "lr_schedule": "cosine", "lr_warmup_steps": 1},
-    {"method": "dora", "policy": "ff=magnitude", "targets": "attn+ff", "train_text_encoder": True},
-], ids=["min-snr+offset", "bf16+checkpointing", "magnitude", "dvora", "policy+te"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"snr_gamma": 5.0, "noise_offset": 0.05},
+        {"mixed_precision": "bf16", "gradient_checkpointing": True},
+        {"method": "magnitude", "cache_latents": False, "batch_size": 2},
+        {"method": "dvora", "policy": None, "lr_schedule": "cosine", "lr_warmup_steps": 1},
+        {"method": "dora", "policy": "ff=magnitude", "targets": "attn+ff", "train_text_encoder": True},
+    ],
+    ids=["min-snr+offset", "bf16+checkpointing", "magnitude", "dvora", "policy+te"],
+)
 def test_training_options_run_and_save(tiny_model, small_data, tmp_path, options):
     result = train(quick(tiny_model, small_data, tmp_path / "run", max_steps=2, **options))
     assert result.adapter_file.is_file() and math.isfinite(result.final_loss)
@@ -289,6 +426,7 @@ def _crash_at(step):
         if done == step:
             raise Crash(done)
         return False
+
     return should_stop
 
 
@@ -301,8 +439,10 @@ def test_resume_from_the_output_folder_alone_after_a_crash(tiny_model, small_dat
     log keeps one row per step; a --max-steps below the checkpoint's step is refused, nothing relabelled."""
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        train(quick(tiny_model, small_data, out, method="lora", rank=4, max_steps=4, checkpoint_steps=2),
-              should_stop=_crash_at(3))
+        train(
+            quick(tiny_model, small_data, out, method="lora", rank=4, max_steps=4, checkpoint_steps=2),
+            should_stop=_crash_at(3),
+        )
     assert _log_steps(out) == [1, 2, 3]  # step 3 logged, its checkpoint never written
     assert not (out / ".train.lock").exists()  # released on the way out
     assert main(["train", "--output", str(out), "--resume", "latest"]) == 0, capsys.readouterr().err

@@ -93,8 +93,10 @@ def test_judge_accuracy_counts_against_labels():
 
 
 def test_readings_rates():
-    r = Readings([{"kind": "car", "colour": "red"}, {"kind": "duck", "colour": "red"}],
-                 [{"kind": "car", "colour": "blue", "subject": False}, {"kind": "car", "colour": "red", "subject": True}])
+    r = Readings(
+        [{"kind": "car", "colour": "red"}, {"kind": "duck", "colour": "red"}],
+        [{"kind": "car", "colour": "blue", "subject": False}, {"kind": "car", "colour": "red", "subject": True}],
+    )
     assert r.rate("kind") == 0.5 and r.rate("colour") == 0.5 and r.subject_rate() == 0.5
 
 
@@ -113,8 +115,20 @@ def test_judge_save_load_round_trip(tmp_path: Path):
 
 
 def _small(work: Path, **kw) -> PretrainConfig:
-    base = dict(work=str(work), images=96, vae_steps=6, vae_batch=8, judge_steps=4, judge_batch=8, judge_robots=16, unet_steps=6,
-                unet_batch=4, warmup_steps=2, checkpoint_every=3, threads=1)
+    base = dict(
+        work=str(work),
+        images=96,
+        vae_steps=6,
+        vae_batch=8,
+        judge_steps=4,
+        judge_batch=8,
+        judge_robots=16,
+        unet_steps=6,
+        unet_batch=4,
+        warmup_steps=2,
+        checkpoint_every=3,
+        threads=1,
+    )
     base.update(kw)
     return PretrainConfig(**base)
 
@@ -143,8 +157,20 @@ def test_a_slice_of_the_recipe_learns_and_exports_a_pipeline(tmp_path: Path):
     """A few hundred steps of the real recipe on a small slice of the world: the losses fall."""
     from diffusers import StableDiffusionXLPipeline
 
-    cfg = _small(tmp_path, images=512, vae_steps=150, vae_batch=16, judge_steps=300, judge_batch=32, judge_robots=64,
-                 unet_steps=300, unet_batch=8, warmup_steps=20, checkpoint_every=100, threads=1)
+    cfg = _small(
+        tmp_path,
+        images=512,
+        vae_steps=150,
+        vae_batch=16,
+        judge_steps=300,
+        judge_batch=32,
+        judge_robots=64,
+        unet_steps=300,
+        unet_batch=8,
+        warmup_steps=20,
+        checkpoint_every=100,
+        threads=1,
+    )
     folder = pretrain_tiny(cfg)
     for stage in ("vae", "unet", "judge"):
         rows = [json.loads(line) for line in (tmp_path / stage / "log.jsonl").read_text().splitlines()]

@@ -175,7 +175,8 @@ class LoadReport:
 
     def __str__(self) -> str:
         parts = [
-            f"{c}: {self.method[c]} r={self.rank[c]} alpha={self.alpha[c]:g}, {self.layers[c]} layers" for c in self.layers
+            f"{c}: {self.method[c]} r={self.rank[c]} alpha={self.alpha[c]:g}, {self.layers[c]} layers"
+            for c in self.layers
         ]
         extra = f"; {len(self.keys_left_over)} keys left over" if self.keys_left_over else ""
         return f"{self.file}: " + "; ".join(parts) + extra

@@ -61,9 +61,11 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.
 # ``...lora_magnitude_vector`` (the spelling PEFT and diffusers' own scripts write): the text encoders
 # then run with fresh magnitudes = ‖W0‖ and give wrong outputs. PEFT's loader accepts both spellings.
 TE_MAGNITUDE_SUFFIX = ".lora_magnitude_vector.weight"
-INPUT_AXIS_REFUSAL = ("{where}: input-axis DoRA (dora_scale [1, in], as LyCORIS < 3.2 and OneTrainer write it) has no "
-                      "diffusers/PEFT layout: their DoRA magnitude is per output row, and no output-row DoRA equals it. "
-                      "Export it with --format kohya or comfyui, or merged into the model (merged-folder, merged-single)")
+INPUT_AXIS_REFUSAL = (
+    "{where}: input-axis DoRA (dora_scale [1, in], as LyCORIS < 3.2 and OneTrainer write it) has no "
+    "diffusers/PEFT layout: their DoRA magnitude is per output row, and no output-row DoRA equals it. "
+    "Export it with --format kohya or comfyui, or merged into the model (merged-folder, merged-single)"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +90,12 @@ _LAYER_KEYS = {  # file suffix -> our parameter name; first match wins
 def _file_suffixes(component: str) -> dict[str, str]:
     vera = {"vera_d": ".vera_lambda_d", "vera_b": ".vera_lambda_b"}  # DVoRA, compact: only we read these
     if component == "unet":
-        return {"lora_A": ".lora.down.weight", "lora_B": ".lora.up.weight", "magnitude": ".lora_magnitude_vector", **vera}
+        return {
+            "lora_A": ".lora.down.weight",
+            "lora_B": ".lora.up.weight",
+            "magnitude": ".lora_magnitude_vector",
+            **vera,
+        }
     return {
         "lora_A": ".lora_linear_layer.down.weight",
         "lora_B": ".lora_linear_layer.up.weight",
@@ -104,7 +111,9 @@ def _file_suffixes(component: str) -> dict[str, str]:
 
 def _uniform(values: list, what: str, component: str):
     if len(set(values)) != 1:
-        raise AdapterError(f"{component}: adapters with mixed {what} ({sorted(set(values))}) cannot be saved in one file")
+        raise AdapterError(
+            f"{component}: adapters with mixed {what} ({sorted(set(values))}) cannot be saved in one file"
+        )
     return values[0]
 
 
@@ -123,8 +132,10 @@ def diffusers_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, d
                 raise AdapterError(INPUT_AXIS_REFUSAL.format(where=f"{comp}.{name}"))
         methods = {a.method for _, a in mods}
         if len(methods) > 1 and methods != {"dora", "magnitude"}:
-            raise AdapterError(f"{comp}: methods {sorted(methods)} cannot share one diffusers file (PEFT's use_dora is "
-                               "per file); export to the kohya format instead")
+            raise AdapterError(
+                f"{comp}: methods {sorted(methods)} cannot share one diffusers file (PEFT's use_dora is "
+                "per file); export to the kohya format instead"
+            )
         method = "dora" if len(methods) > 1 else methods.pop()
         suffix = _file_suffixes(comp)
         layers, layer_methods = [], {}
@@ -161,8 +172,14 @@ def _peft_targets(comp: str, layers: list[str]) -> list[str]:
     return sorted(layers)
 
 
-def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers", metadata: Mapping[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
+def save_adapter(
+    obj: Any,
+    path: str | os.PathLike,
+    *,
+    format: str = "diffusers",
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the adapters of ``obj`` (pipeline, ``{component: module}`` or a UNet) to ``path``.
 
     ``path`` is a folder (``pytorch_lora_weights.safetensors`` is written in it) or a ``.safetensors`` file.
@@ -178,8 +195,13 @@ def save_adapter(obj: Any, path: str | os.PathLike, *, format: str = "diffusers"
     for comp, s in summary.items():
         if s["method"] == "dvora":  # diffusers cannot read the compact DoRA-VeRA layout; export expands it
             continue
-        cfg = {"r": s["rank"], "lora_alpha": s["alpha"], "use_dora": s["method"] != "lora",
-               "target_modules": _peft_targets(comp, s["layers"]), "init_lora_weights": True}
+        cfg = {
+            "r": s["rank"],
+            "lora_alpha": s["alpha"],
+            "use_dora": s["method"] != "lora",
+            "target_modules": _peft_targets(comp, s["layers"]),
+            "init_lora_weights": True,
+        }
         magnitude_only = _peft_targets(comp, [n for n, m in s.get("layer_methods", {}).items() if m == "magnitude"])
         if magnitude_only:  # written as rank-1 DoRA with A = B = 0: PEFT needs their rank and alpha
             cfg["rank_pattern"] = {f"^(.*\\.)?{re.escape(n)}$": MAGNITUDE_ONLY_RANK for n in magnitude_only}
@@ -205,7 +227,9 @@ class LayerSpec:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _parse_layers(tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module]) -> tuple[dict[tuple[str, str], LayerSpec], list[str]]:
+def _parse_layers(
+    tensors: Mapping[str, torch.Tensor], comps: Mapping[str, nn.Module]
+) -> tuple[dict[tuple[str, str], LayerSpec], list[str]]:
     layers: dict[tuple[str, str], LayerSpec] = {}
     left: list[str] = []
     for key, t in tensors.items():
@@ -239,7 +263,9 @@ def _alpha_from_metadata(meta: Mapping[str, str], comp: str, ours: Mapping[str, 
     return None
 
 
-def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str) -> tuple[dict[tuple[str, str], AdapterLinear], LoadReport]:
+def plan_adapters(
+    pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str
+) -> tuple[dict[tuple[str, str], AdapterLinear], LoadReport]:
     """Build (but do not install) one adapter per layer of the file, checked against ``pipe``.
 
     Every name and shape is checked before anything is changed; errors name the file.
@@ -251,7 +277,9 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     layers, left = _parse_layers(tensors, comps)
     if not layers:
         which = ", ".join(sorted({k.split(".")[0] for k in tensors})[:5])
-        raise AdapterFileError(f"{source}: no LoRA/DoRA keys for this pipeline's components {sorted(comps)} (file prefixes: {which})")
+        raise AdapterFileError(
+            f"{source}: no LoRA/DoRA keys for this pipeline's components {sorted(comps)} (file prefixes: {which})"
+        )
     planned: dict[tuple[str, str], AdapterLinear] = {}
     report = LoadReport(str(source), {}, {}, {}, {}, sorted(left), ours)
     problems: list[str] = []
@@ -291,14 +319,22 @@ def plan_adapters(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[
         elif method != "magnitude":
             r = p["lora_A"].shape[0]
             expect.update({"lora_A": (r, in_f), "lora_B": (out_f, r)})
-        bad = [f"{k} {tuple(p[k].shape)} != {v}" for k, v in expect.items() if k in p and tuple(p[k].shape) != v and not (k == "magnitude" and p[k].numel() == out_f)]
+        bad = [
+            f"{k} {tuple(p[k].shape)} != {v}"
+            for k, v in expect.items()
+            if k in p and tuple(p[k].shape) != v and not (k == "magnitude" and p[k].numel() == out_f)
+        ]
         if bad:
             problems.append(f"{comp}.{name}: " + "; ".join(bad))
             continue
         rank = 0 if method == "magnitude" else r
         alpha = _alpha_from_metadata(meta, comp, ours)
         alpha = float(rank) if alpha is None or method == "magnitude" else alpha
-        kwargs: dict[str, Any] = {"rank": rank, "alpha": alpha, "dtype": p["magnitude" if method != "lora" else "lora_A"].dtype}
+        kwargs: dict[str, Any] = {
+            "rank": rank,
+            "alpha": alpha,
+            "dtype": p["magnitude" if method != "lora" else "lora_A"].dtype,
+        }
         if method in ("dora", "dvora"):
             kwargs["norm_grad"] = comp_meta.get("norm_grad", "detach")
         if method == "dvora":

@@ -103,8 +103,12 @@ def kohya_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
                 tensors[f"{key}.dora_scale"] = a.magnitude.detach().float().cpu().reshape(1, -1).clone()  # [1, in]
         if mods:
             first = kohya_name(comp, module, mods[0][0])  # rank and alpha as written (magnitude-only: 1, 1)
-            summary[comp] = {"method": mods[0][1].method, "rank": tensors[f"{first}.lora_down.weight"].shape[0],
-                             "alpha": float(tensors[f"{first}.alpha"]), "layers": len(mods)}
+            summary[comp] = {
+                "method": mods[0][1].method,
+                "rank": tensors[f"{first}.lora_down.weight"].shape[0],
+                "alpha": float(tensors[f"{first}.alpha"]),
+                "layers": len(mods),
+            }
     if not tensors:
         raise AdapterFileError("nothing to export: no adapters found")
     return tensors, summary
@@ -112,13 +116,22 @@ def kohya_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 def magnitude_axis_of(obj: Any) -> str | None:
     """``out``, ``in`` or ``mixed``: the axis of the DoRA magnitudes of ``obj``'s adapters (``None``: LoRA only)."""
-    axes = {"in" if a.method == "dora_in" else "out"
-            for module in components_of(obj).values() for _, a in adapter_modules(module) if a.method != "lora"}
+    axes = {
+        "in" if a.method == "dora_in" else "out"
+        for module in components_of(obj).values()
+        for _, a in adapter_modules(module)
+        if a.method != "lora"
+    }
     return None if not axes else axes.pop() if len(axes) == 1 else "mixed"
 
 
-def kohya_header(summary: Mapping[str, Any], metadata: Mapping[str, Any] | None, *, layout: str = KOHYA_LAYOUT,
-                 axis: str | None = None) -> dict[str, str]:
+def kohya_header(
+    summary: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None,
+    *,
+    layout: str = KOHYA_LAYOUT,
+    axis: str | None = None,
+) -> dict[str, str]:
     """The safetensors metadata: sd-scripts' ``ss_*`` keys (LyCORIS network args: ``dora_wd``, ``wd_on_output``
     for the file's magnitude axis) and our entry."""
     first = next(iter(summary.values()))
@@ -135,12 +148,22 @@ def kohya_header(summary: Mapping[str, Any], metadata: Mapping[str, Any] | None,
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": "sdxl_base_v1-0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, "layout": layout, "magnitude_axis": axis or "out",
-                                  "components": dict(summary), **dict(metadata or {})}, sort_keys=True),
+        METADATA_KEY: json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "layout": layout,
+                "magnitude_axis": axis or "out",
+                "components": dict(summary),
+                **dict(metadata or {}),
+            },
+            sort_keys=True,
+        ),
     }
 
 
-def save_kohya(obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+def save_kohya(
+    obj: Any, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None, overwrite: bool = False
+) -> Path:
     """Write a kohya/LyCORIS ``.safetensors`` (atomic; an existing file is kept unless ``overwrite``)."""
     file = output_file(path, "adapter_kohya.safetensors", overwrite)
     tensors, summary = kohya_state_dict(obj)
@@ -179,12 +202,15 @@ def _magnitude_axis(scale: torch.Tensor, out_f: int, in_f: int, declared: str | 
     if len(shape) == 1 and shape[0] == out_f == in_f:
         if declared in ("out", "in"):
             return declared
-        raise AdapterFileError(f"{where}: dora_scale {shape} fits both axes of a square layer and the file does not say which")
+        raise AdapterFileError(
+            f"{where}: dora_scale {shape} fits both axes of a square layer and the file does not say which"
+        )
     raise AdapterFileError(f"{where}: dora_scale shape {shape} fits neither [{out_f}, 1] nor [1, {in_f}]")
 
 
-def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str, *,
-               layout: str = KOHYA_LAYOUT) -> tuple[dict[tuple[str, str], AdapterLinear], LoadReport]:
+def plan_kohya(
+    pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str, *, layout: str = KOHYA_LAYOUT
+) -> tuple[dict[tuple[str, str], AdapterLinear], LoadReport]:
     """Build one adapter per module of a kohya file, checked against ``pipe`` before anything changes.
 
     Every ``dora_scale`` is taken as the DoRA magnitude. ``layout``: the layout the caller reads; a file
@@ -228,11 +254,15 @@ def plan_kohya(pipe: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str
         down, up = parts["lora_A"], parts["lora_B"]
         out_f, in_f = base.weight.shape
         if down.dim() != 2 or up.dim() != 2:  # conv LoRA (LoCon) keys
-            problems.append(f"{key}: only Linear LoRA is supported here (down {tuple(down.shape)}, up {tuple(up.shape)})")
+            problems.append(
+                f"{key}: only Linear LoRA is supported here (down {tuple(down.shape)}, up {tuple(up.shape)})"
+            )
             continue
         r = down.shape[0]
         if tuple(down.shape) != (r, in_f) or tuple(up.shape) != (out_f, r):
-            problems.append(f"{key}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit Linear({in_f}, {out_f})")
+            problems.append(
+                f"{key}: lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)} do not fit Linear({in_f}, {out_f})"
+            )
             continue
         alpha = float(parts["alpha"]) if "alpha" in parts else float(r)
         if "dora_scale" in parts:

@@ -185,7 +185,9 @@ def _has_attention(block_type: str) -> bool:
 
 
 @lru_cache(maxsize=16)
-def _unet_table(down: tuple, up: tuple, mid: str | None, layers: Any, addition: str | None, klass: str | None) -> _NameTable:
+def _unet_table(
+    down: tuple, up: tuple, mid: str | None, layers: Any, addition: str | None, klass: str | None
+) -> _NameTable:
     entries: list[_Entry] = [
         ("conv_in", "input_blocks.0.0", None),
         ("time_embedding.linear_1", "time_embed.0", None),
@@ -195,9 +197,15 @@ def _unet_table(down: tuple, up: tuple, mid: str | None, layers: Any, addition: 
     ]
     # SGM's label_emb = Sequential(Sequential(Linear, SiLU, Linear)) holds either embedding.
     if addition == "text_time":
-        entries += [("add_embedding.linear_1", "label_emb.0.0", None), ("add_embedding.linear_2", "label_emb.0.2", None)]
+        entries += [
+            ("add_embedding.linear_1", "label_emb.0.0", None),
+            ("add_embedding.linear_2", "label_emb.0.2", None),
+        ]
     elif klass in ("timestep", "projection"):
-        entries += [("class_embedding.linear_1", "label_emb.0.0", None), ("class_embedding.linear_2", "label_emb.0.2", None)]
+        entries += [
+            ("class_embedding.linear_1", "label_emb.0.0", None),
+            ("class_embedding.linear_2", "label_emb.0.2", None),
+        ]
 
     n = len(down)
     if len(up) != n:
@@ -425,7 +433,9 @@ def _open_clip_state(text_encoder_2: nn.Module) -> dict[str, torch.Tensor]:
             raise OriginalFormatError(f"text_encoder_2 layer {layer} lacks one of q/k/v_proj.{kind}.")
         out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
     if "text_projection" not in out:
-        raise OriginalFormatError("text_encoder_2 has no text_projection: SDXL's second encoder is CLIPTextModelWithProjection.")
+        raise OriginalFormatError(
+            "text_encoder_2 has no text_projection: SDXL's second encoder is CLIPTextModelWithProjection."
+        )
     dtype = out["text_projection"].dtype
     out["logit_scale"] = torch.tensor(LOGIT_SCALE, dtype=dtype, device=out["text_projection"].device)
     return {OPEN_CLIP_PREFIX + key: tensor for key, tensor in out.items()}
@@ -474,8 +484,6 @@ def save_original_sdxl(
     if target.is_dir():
         raise OriginalFormatError(f"{target} is a folder; give the checkpoint's file name.")
     header = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    state = {
-        key: tensor.to("cpu").contiguous() for key, tensor in to_original_sdxl(pipe, dtype=dtype).items()
-    }
+    state = {key: tensor.to("cpu").contiguous() for key, tensor in to_original_sdxl(pipe, dtype=dtype).items()}
     save_safetensors_atomic(state, target, header)
     return target

@@ -90,8 +90,10 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
     pics.mkdir(parents=True, exist_ok=True)
     recipe = json.loads((work / "recipe.json").read_text())
     stages = {s: json.loads((work / s / "done.json").read_text()) for s in ("data", "vae", "judge", "unet")}
-    logs = {s: [json.loads(line) for line in (work / s / "log.jsonl").read_text().splitlines()]
-            for s in ("vae", "judge", "unet")}
+    logs = {
+        s: [json.loads(line) for line in (work / s / "log.jsonl").read_text().splitlines()]
+        for s in ("vae", "judge", "unet")
+    }
     # training-loop time from the logs (an interrupted chunk counts up to its last log row); what runs
     # after a loop (the latents, the held-out evaluation) takes seconds and is not counted
     wall: dict[str, float] = {"data": stages["data"]["seconds"]}
@@ -138,8 +140,8 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         f"Seven kinds of toy ({', '.join(CLASSES)}; robots {CLASSES['robot']:.0%} of pictures), eight body",
         f"colours ({', '.join(COLOURS)}), robots with an eye colour, a chest symbol (heart, star, square, circle",
         f"or none) and an antenna ball colour; seven scenes ({', '.join(SCENES)}); pose, scale, position and",
-        "light vary. Captions name what is drawn: \"a photo of a red toy car on the grass\", and shorter forms",
-        "down to \"a photo of a toy\". The sample subject `datasets/sks_toy` (a teal robot with a red heart)",
+        'light vary. Captions name what is drawn: "a photo of a red toy car on the grass", and shorter forms',
+        'down to "a photo of a toy". The sample subject `datasets/sks_toy` (a teal robot with a red heart)',
         "is never drawn: there are teal robots and robots with hearts, but never both.",
         "",
         "![world](card/world.png)",
@@ -176,7 +178,8 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         "",
         f"The judge (`judge/`, a {sum(p.numel() for p in judge.parameters()):,}-parameter CNN) on"
         f" {stages['judge']['held_out_renders']:,} held-out renders: "
-        + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + ". On "
+        + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
+        + ". On "
         f"{stages['judge'].get('held_out_robots', 0):,} held-out robots of every colour and symbol, it sees the sample"
         f" subject's combination (teal, heart) in {stages['judge'].get('subject_recall', float('nan')):.0%} of the"
         f" {stages['judge'].get('subject_robots', 0)} that have it and in"
@@ -184,7 +187,7 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         " it had learned that teal robots never wear a heart: the 4,000 extra robot renders it is trained on"
         " include that combination; the generator never saw it.)",
         "",
-        f"Prompt following: {n} prompts drawn like the captions (\"a photo of a {{colour}} toy {{class}} {{scene}}\"),",
+        f'Prompt following: {n} prompts drawn like the captions ("a photo of a {{colour}} toy {{class}} {{scene}}"),',
         f"one image each (seeds 1234-{1233 + n}, 25 Euler steps, guidance 5), read by the judge:",
         "",
         "| model | class right | colour right | scene right |",
@@ -205,8 +208,9 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
     ]
     card = model_dir / CARD
     card.write_text("\n".join(lines), encoding="utf-8")
-    (work / "card_metrics.json").write_text(json.dumps({"learned": learned, "floor": floor, "judge": acc,
-                                                        "wall_seconds": wall}, indent=2))
+    (work / "card_metrics.json").write_text(
+        json.dumps({"learned": learned, "floor": floor, "judge": acc, "wall_seconds": wall}, indent=2)
+    )
     return card
 
 

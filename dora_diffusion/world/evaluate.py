@@ -20,8 +20,9 @@ def prompt_for(toy: Toy) -> str:
     return PROMPT_FORM.format(colour=toy.colour, name=name, where=SCENES[toy.scene])
 
 
-def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 5.0,
-                   batch: int = 16) -> list[Image.Image]:
+def generate_batch(
+    pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25, guidance: float = 5.0, batch: int = 16
+) -> list[Image.Image]:
     """One image per (prompt, seed), generated in batches; the seed fixes each image's initial noise."""
     images: list[Image.Image] = []
     for i in range(0, len(prompts), batch):
@@ -31,7 +32,9 @@ def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: in
     return images
 
 
-def prompt_following(pipe, judge: Judge, n: int = 64, seed: int = 1234, **kwargs: Any) -> tuple[dict[str, float], list[Image.Image]]:
+def prompt_following(
+    pipe, judge: Judge, n: int = 64, seed: int = 1234, **kwargs: Any
+) -> tuple[dict[str, float], list[Image.Image]]:
     """Generate ``n`` images from prompts drawn like the captions (class, colour, scene named) and
     return how often the judge reads the prompted class, colour and scene, with the images."""
     rng = np.random.default_rng(seed)
@@ -42,14 +45,19 @@ def prompt_following(pipe, judge: Judge, n: int = 64, seed: int = 1234, **kwargs
     return {"n": n, **{f: readings.rate(f) for f in ("kind", "colour", "scene")}}, images
 
 
-def subject_presence(pipe, judge: Judge, prompt: str, seeds: Sequence[int], scene: str | None = None,
-                     **kwargs: Any) -> tuple[dict[str, Any], list[Image.Image]]:
+def subject_presence(
+    pipe, judge: Judge, prompt: str, seeds: Sequence[int], scene: str | None = None, **kwargs: Any
+) -> tuple[dict[str, Any], list[Image.Image]]:
     """How often ``prompt`` gives the subject (a teal robot with a heart), and ``scene`` if given."""
     images = generate_batch(pipe, [prompt] * len(seeds), seeds, **kwargs)
     read = judge.read(images)
-    out: dict[str, Any] = {"prompt": prompt, "n": len(seeds), "subject": sum(r["subject"] for r in read) / len(read),
-                           "robot": sum(r["kind"] == "robot" for r in read) / len(read),
-                           "teal_robot": sum(r["kind"] == "robot" and r["colour"] == "teal" for r in read) / len(read)}
+    out: dict[str, Any] = {
+        "prompt": prompt,
+        "n": len(seeds),
+        "subject": sum(r["subject"] for r in read) / len(read),
+        "robot": sum(r["kind"] == "robot" for r in read) / len(read),
+        "teal_robot": sum(r["kind"] == "robot" and r["colour"] == "teal" for r in read) / len(read),
+    }
     if scene is not None:
         out["scene"] = sum(r["scene"] == scene for r in read) / len(read)
     return out, images

@@ -22,7 +22,11 @@ from .render import CLASSES, COLOURS, EYE_COLOURS, SCENES, SYMBOLS, Toy, is_subj
 
 # What the judge reads, and the values each field takes (in head order).
 FIELDS: dict[str, tuple[str, ...]] = {
-    "kind": tuple(CLASSES), "colour": tuple(COLOURS), "scene": tuple(SCENES), "symbol": SYMBOLS, "eye": EYE_COLOURS,
+    "kind": tuple(CLASSES),
+    "colour": tuple(COLOURS),
+    "scene": tuple(SCENES),
+    "symbol": SYMBOLS,
+    "eye": EYE_COLOURS,
 }
 ROBOT_ONLY = ("symbol", "eye")  # fields that only robots have: trained and scored on robots only
 WEIGHTS_NAME = "judge.safetensors"
@@ -31,8 +35,12 @@ CONFIG_NAME = "judge.json"
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.GroupNorm(8, c_out),
+        nn.SiLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.GroupNorm(8, c_out),
+        nn.SiLU(),
     )
 
 
@@ -91,7 +99,11 @@ class Judge(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS_NAME)
-        config = {"widths": list(self.widths), "fields": {k: list(v) for k, v in FIELDS.items()}, "metrics": metrics or {}}
+        config = {
+            "widths": list(self.widths),
+            "fields": {k: list(v) for k, v in FIELDS.items()},
+            "metrics": metrics or {},
+        }
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
 
@@ -110,8 +122,13 @@ class Judge(nn.Module):
 
 def to_judge_input(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images -> [B, 3, 64, 64] in [-1, 1] (resized to 64 px where they are not)."""
-    arrays = [np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC)
-                         if im.size != (64, 64) else im.convert("RGB"), np.float32) for im in images]
+    arrays = [
+        np.asarray(
+            im.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC) if im.size != (64, 64) else im.convert("RGB"),
+            np.float32,
+        )
+        for im in images
+    ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
@@ -119,8 +136,12 @@ def targets(toys: Sequence[Toy]) -> dict[str, torch.Tensor]:
     """Label indices per field; -100 (ignored by cross-entropy) for robot-only fields of other toys."""
     out = {}
     for name, values in FIELDS.items():
-        labels = [values.index(getattr(t, "kind" if name == "kind" else name))
-                  if name not in ROBOT_ONLY or t.kind == "robot" else -100 for t in toys]
+        labels = [
+            values.index(getattr(t, "kind" if name == "kind" else name))
+            if name not in ROBOT_ONLY or t.kind == "robot"
+            else -100
+            for t in toys
+        ]
         out[name] = torch.tensor(labels)
     return out
 

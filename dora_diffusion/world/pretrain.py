@@ -163,8 +163,17 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def _train_loop(stage: _Stage, cfg: PretrainConfig, clock: _Clock, steps: int, modules: dict[str, torch.nn.Module],
-                optimizer: torch.optim.Optimizer, peaks: list[float], step_fn, extra_state=None) -> bool:
+def _train_loop(
+    stage: _Stage,
+    cfg: PretrainConfig,
+    clock: _Clock,
+    steps: int,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    peaks: list[float],
+    step_fn,
+    extra_state=None,
+) -> bool:
     """Run ``step_fn(step) -> loss`` from the checkpointed step to ``steps``. False if the chunk's time ran out."""
     from tqdm.auto import tqdm
 
@@ -192,9 +201,14 @@ def _train_loop(stage: _Stage, cfg: PretrainConfig, clock: _Clock, steps: int, m
             bar.set_postfix(loss=f"{np.mean(window):.4f}")
             window = []
         if done % cfg.checkpoint_every == 0 or done == steps:
-            stage.save({"step": done, "optimizer": optimizer.state_dict(),
-                        "modules": {n: m.state_dict() for n, m in modules.items()},
-                        "extra": extra_state[0]() if extra_state is not None else {}})
+            stage.save(
+                {
+                    "step": done,
+                    "optimizer": optimizer.state_dict(),
+                    "modules": {n: m.state_dict() for n, m in modules.items()},
+                    "extra": extra_state[0]() if extra_state is not None else {},
+                }
+            )
             if clock.up() and done < steps:
                 bar.close()
                 print(f"{stage.name}: stopped at step {done} of {steps} (max_minutes); run again to continue")
@@ -273,8 +287,9 @@ def _stage_vae(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock)
     torch.save({"mean": mean.half(), "std": std.half()}, work / "latents.pt")
     np.savez(work / "recon.npz", pixels=recon_pixels)
     vae.register_to_config(scaling_factor=scaling)
-    stage.finish({"steps": cfg.vae_steps, "scaling_factor": scaling, "recon_mse": mse,
-                  "seconds": time.perf_counter() - t0})
+    stage.finish(
+        {"steps": cfg.vae_steps, "scaling_factor": scaling, "recon_mse": mse, "seconds": time.perf_counter() - t0}
+    )
     return True
 
 
@@ -315,8 +330,9 @@ def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock, vae) -> tuple[b
         g = generator(cfg.seed, 3, step)
         idx = torch.randint(0, len(toys), (cfg.judge_batch,), generator=g)
         use_recon = (torch.rand(cfg.judge_batch, generator=g) < 0.5) & (idx < len(recon))
-        batch = np.where(use_recon.numpy()[:, None, None, None], recon[idx.clamp(max=len(recon) - 1).numpy()],
-                         pixels[idx.numpy()])
+        batch = np.where(
+            use_recon.numpy()[:, None, None, None], recon[idx.clamp(max=len(recon) - 1).numpy()], pixels[idx.numpy()]
+        )
         x = to_model_input(batch)
         x = x + 0.03 * torch.randn(x.shape, generator=g)  # a little noise: generations are never clean
         flip = torch.rand(cfg.judge_batch, generator=g) < 0.5
@@ -340,10 +356,18 @@ def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock, vae) -> tuple[b
     truth = [is_subject(t.kind, t.colour, t.symbol) for t in robot_toys]
     hits = [r["subject"] for r, t in zip(read, truth) if t]
     false = [r["subject"] for r, t in zip(read, truth) if not t]
-    stage.finish({"steps": cfg.judge_steps, "held_out_renders": len(held_toys), "accuracy": acc,
-                  "held_out_robots": len(robot_toys), "robot_accuracy": accuracy(judge, to_model_input(robot_pixels), robot_toys),
-                  "subject_recall": sum(hits) / max(1, len(hits)), "subject_robots": len(hits),
-                  "subject_false_positive": sum(false) / max(1, len(false))})
+    stage.finish(
+        {
+            "steps": cfg.judge_steps,
+            "held_out_renders": len(held_toys),
+            "accuracy": acc,
+            "held_out_robots": len(robot_toys),
+            "robot_accuracy": accuracy(judge, to_model_input(robot_pixels), robot_toys),
+            "subject_recall": sum(hits) / max(1, len(hits)),
+            "subject_robots": len(hits),
+            "subject_false_positive": sum(false) / max(1, len(false)),
+        }
+    )
     return True, judge
 
 
@@ -377,10 +401,13 @@ def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock
     tokenizers = (components["tokenizer"], components["tokenizer_2"])
     for m in (unet, te1, te2):
         m.train()
-    optimizer = torch.optim.AdamW([
-        {"params": list(unet.parameters()), "lr": cfg.unet_lr},
-        {"params": list(te1.parameters()) + list(te2.parameters()), "lr": cfg.text_lr},
-    ], weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(unet.parameters()), "lr": cfg.unet_lr},
+            {"params": list(te1.parameters()) + list(te2.parameters()), "lr": cfg.text_lr},
+        ],
+        weight_decay=1e-2,
+    )
     time_ids = torch.tensor([TIME_IDS])
     token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -388,8 +415,12 @@ def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock
         # SDXL's prompt encoding (as train.encode_prompts), with the token ids of each caption cached
         for p in prompts:
             if p not in token_cache:
-                token_cache[p] = tuple(tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                                           return_tensors="pt").input_ids[0] for tok in tokenizers)
+                token_cache[p] = tuple(
+                    tok(
+                        p, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+                    ).input_ids[0]
+                    for tok in tokenizers
+                )
         states = []
         for i, encoder in enumerate((te1, te2)):
             out = encoder(torch.stack([token_cache[p][i] for p in prompts]), output_hidden_states=True)
@@ -408,7 +439,9 @@ def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
         noisy = scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(b, 1)}).sample
+        pred = unet(
+            noisy, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(b, 1)}
+        ).sample
         w = loss_weights(scheduler, t, cfg.snr_gamma)
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         loss.backward()
@@ -430,8 +463,17 @@ def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock
 
     modules = {"unet": unet, "text_encoder": te1, "text_encoder_2": te2}
     t0 = time.perf_counter()
-    if not _train_loop(stage, cfg, clock, cfg.unet_steps, modules, optimizer, [cfg.unet_lr, cfg.text_lr], step_fn,
-                       (get_extra, set_extra)):
+    if not _train_loop(
+        stage,
+        cfg,
+        clock,
+        cfg.unet_steps,
+        modules,
+        optimizer,
+        [cfg.unet_lr, cfg.text_lr],
+        step_fn,
+        (get_extra, set_extra),
+    ):
         return False
     unet.load_state_dict(ema)
     stage.finish({"steps": cfg.unet_steps, "seconds_this_chunk": time.perf_counter() - t0})
@@ -477,7 +519,9 @@ def pretrain_tiny(cfg: PretrainConfig) -> Path | None:
 
     def chunk(started: float, name: str) -> None:
         with open(work / "wall.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"stage": name, "seconds": time.perf_counter() - started, "threads": cfg.threads}) + "\n")
+            f.write(
+                json.dumps({"stage": name, "seconds": time.perf_counter() - started, "threads": cfg.threads}) + "\n"
+            )
 
     t = time.perf_counter()
     _stage_data(cfg, work)

@@ -24,24 +24,50 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = [
-    "CLASSES", "COLOURS", "EYE_COLOURS", "SCENES", "SYMBOLS", "Toy", "captions", "is_subject", "render",
-    "sample_toy", "SUBJECT",
+    "CLASSES",
+    "COLOURS",
+    "EYE_COLOURS",
+    "SCENES",
+    "SYMBOLS",
+    "Toy",
+    "captions",
+    "is_subject",
+    "render",
+    "sample_toy",
+    "SUBJECT",
 ]
 
 # Class -> how often it is drawn (robots most: they are the subject's class).
 CLASSES: dict[str, float] = {
-    "robot": 0.28, "duck": 0.12, "car": 0.12, "teddy": 0.12, "rocket": 0.12, "ball": 0.12, "block": 0.12,
+    "robot": 0.28,
+    "duck": 0.12,
+    "car": 0.12,
+    "teddy": 0.12,
+    "rocket": 0.12,
+    "ball": 0.12,
+    "block": 0.12,
 }
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (214, 40, 48), "orange": (250, 128, 24), "yellow": (250, 206, 40), "green": (60, 170, 60),
-    "teal": (32, 168, 160), "blue": (40, 80, 220), "purple": (140, 60, 190), "pink": (240, 120, 170),
+    "red": (214, 40, 48),
+    "orange": (250, 128, 24),
+    "yellow": (250, 206, 40),
+    "green": (60, 170, 60),
+    "teal": (32, 168, 160),
+    "blue": (40, 80, 220),
+    "purple": (140, 60, 190),
+    "pink": (240, 120, 170),
 }
 EYE_COLOURS = ("yellow", "white", "red", "blue", "green")
 SYMBOLS = ("heart", "star", "square", "circle", "none")
 ANTENNA_COLOURS = ("orange", "red", "yellow", "blue", "green")
 SCENES: dict[str, str] = {  # scene -> its words in a caption
-    "wood": "on a wooden table", "checker": "on a checkered floor", "grass": "on the grass",
-    "carpet": "on a carpet", "studio": "in a studio", "beach": "on the beach", "snow": "in the snow",
+    "wood": "on a wooden table",
+    "checker": "on a checkered floor",
+    "grass": "on the grass",
+    "carpet": "on a carpet",
+    "studio": "in a studio",
+    "beach": "on the beach",
+    "snow": "in the snow",
 }
 WHITE = (240, 240, 236)
 GREY = (150, 156, 164)
@@ -99,11 +125,19 @@ def sample_toy(rng: np.random.Generator, *, kind: str | None = None, allow_subje
         accent = ([*COLOURS, "white"])[rng.integers(len(COLOURS) + 1)]
     height = float(rng.uniform(0.35, 0.8))
     return Toy(
-        kind=kind, colour=colour, scene=list(SCENES)[rng.integers(len(SCENES))],
-        eye=EYE_COLOURS[rng.integers(len(EYE_COLOURS))], symbol=symbol,
-        antenna=ANTENNA_COLOURS[rng.integers(len(ANTENNA_COLOURS))], accent=accent,
-        height=height, x=float(rng.uniform(0.3, 0.7)), y=float(rng.uniform(0.78, 0.95)),
-        yaw=float(rng.uniform(-1, 1)), mirror=bool(rng.integers(2)), light=float(rng.uniform(-1, 1)),
+        kind=kind,
+        colour=colour,
+        scene=list(SCENES)[rng.integers(len(SCENES))],
+        eye=EYE_COLOURS[rng.integers(len(EYE_COLOURS))],
+        symbol=symbol,
+        antenna=ANTENNA_COLOURS[rng.integers(len(ANTENNA_COLOURS))],
+        accent=accent,
+        height=height,
+        x=float(rng.uniform(0.3, 0.7)),
+        y=float(rng.uniform(0.78, 0.95)),
+        yaw=float(rng.uniform(-1, 1)),
+        mirror=bool(rng.integers(2)),
+        light=float(rng.uniform(-1, 1)),
         seed=int(rng.integers(2**31)),
     )
 
@@ -119,8 +153,14 @@ def captions(toy: Toy) -> list[str]:
     out = [f"a photo of a {colour} {name} {where}", f"a {colour} {name} {where}"]
     if toy.kind == "robot" and toy.symbol != "none":
         out.insert(0, f"a photo of a {colour} {name} with a {toy.symbol} {where}")
-    out += [f"a photo of a {name} {where}", f"a photo of a {colour} {name}", f"a photo of a {name}",
-            f"a photo of a toy {where}", f"a toy {where}", "a photo of a toy"]
+    out += [
+        f"a photo of a {name} {where}",
+        f"a photo of a {colour} {name}",
+        f"a photo of a {name}",
+        f"a photo of a toy {where}",
+        f"a toy {where}",
+        "a photo of a toy",
+    ]
     return out
 
 
@@ -194,8 +234,9 @@ class _Painter:
         if kind == "heart":
             for side in (-1, 1):
                 self.circle(x + side * 0.25 * size, y - 0.12 * size, 0.28 * size, colour, flat=True)
-            self.polygon([(x - 0.52 * size, y - 0.02 * size), (x + 0.52 * size, y - 0.02 * size), (x, y + 0.6 * size)],
-                         colour)
+            self.polygon(
+                [(x - 0.52 * size, y - 0.02 * size), (x + 0.52 * size, y - 0.02 * size), (x, y + 0.6 * size)], colour
+            )
         elif kind == "star":
             pts = []
             for i in range(10):
@@ -308,8 +349,15 @@ def _draw_block(p: _Painter, toy: Toy) -> None:
     p.rect(-0.18, 0.52, 0.18, 0.88, _rgb(toy.accent), 0.03, flat=True)  # letter plate
 
 
-_DRAW = {"robot": _draw_robot, "duck": _draw_duck, "car": _draw_car, "teddy": _draw_teddy,
-         "rocket": _draw_rocket, "ball": _draw_ball, "block": _draw_block}
+_DRAW = {
+    "robot": _draw_robot,
+    "duck": _draw_duck,
+    "car": _draw_car,
+    "teddy": _draw_teddy,
+    "rocket": _draw_rocket,
+    "ball": _draw_ball,
+    "block": _draw_block,
+}
 _ASPECT = {"robot": 0.86, "duck": 1.2, "car": 1.3, "teddy": 0.8, "rocket": 0.75, "ball": 1.0, "block": 1.0}
 
 
@@ -350,7 +398,9 @@ def _scene(kind: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     elif kind == "carpet":
         img = _gradient(size, (235, 220, 190), (220, 200, 170))
         fibres = rng.random((size, size)).astype(np.float32)
-        floor = np.stack([0.62 + 0.08 * fibres, 0.2 + 0.06 * fibres, 0.25 + 0.06 * fibres], -1) * (0.85 + 0.3 * noise[..., None])
+        floor = np.stack([0.62 + 0.08 * fibres, 0.2 + 0.06 * fibres, 0.25 + 0.06 * fibres], -1) * (
+            0.85 + 0.3 * noise[..., None]
+        )
     elif kind == "studio":
         spot = np.exp(-(((xs - 0.5 * size) / (0.5 * size)) ** 2 + ((ys - 0.45 * size) / (0.5 * size)) ** 2))
         img = _gradient(size, (200, 200, 204), (150, 150, 156)) * (0.8 + 0.3 * spot[..., None])
@@ -381,8 +431,15 @@ def render(toy: Toy, size: int = SIZE) -> Image.Image:
     # Cast shadow under the toy, leaning away from the light.
     half_width = 0.5 * _ASPECT[toy.kind] * scale
     shadow = Image.new("L", (big, big), 0)
-    ImageDraw.Draw(shadow).ellipse([cx - half_width - toy.light * 0.1 * scale, feet - 0.05 * scale,
-                                    cx + half_width - toy.light * 0.3 * scale, feet + 0.05 * scale], fill=110)
+    ImageDraw.Draw(shadow).ellipse(
+        [
+            cx - half_width - toy.light * 0.1 * scale,
+            feet - 0.05 * scale,
+            cx + half_width - toy.light * 0.3 * scale,
+            feet + 0.05 * scale,
+        ],
+        fill=110,
+    )
     shadow = shadow.filter(ImageFilter.GaussianBlur(0.03 * scale + 1))
     canvas = Image.composite(Image.new("RGB", (big, big), (0, 0, 0)), canvas, shadow)
     layer = Image.new("RGBA", (big, big), (0, 0, 0, 0))
