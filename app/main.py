@@ -55,13 +55,15 @@ FORMATS = [
     ("merged model: one .safetensors (SDXL layout): A1111, ComfyUI, from_single_file", "merged-single"),
 ]
 USAGE = {
-    "diffusers": "```python\npipe = StableDiffusionXLPipeline.from_pretrained(base)\npipe.load_lora_weights('{file}')\n```",
+    "diffusers": "```python\npipe = StableDiffusionXLPipeline.from_pretrained(base)\n"
+    "pipe.load_lora_weights('{file}')\n```",
     "comfyui": "Copy `{file}` into `ComfyUI/models/loras/` or Forge's `models/Lora/`. Its DoRA magnitudes are "
     "written for their formula (they divide by the base weight's norm): for LyCORIS, sd-scripts, or a "
     "ComfyUI that has merged its fix (Comfy-Org/ComfyUI#15458), export `kohya` instead.",
     "kohya": "For LyCORIS and sd-scripts (`--network_module lycoris.kohya`, the file's `ss_network_args`). "
     "ComfyUI and Forge read a DoRA file of this kind approximately: export `comfyui` for them.",
-    "merged-folder": "Unzip it, then\n```python\npipe = StableDiffusionXLPipeline.from_pretrained('<unzipped folder>')\n```",
+    "merged-folder": "Unzip it, then\n"
+    "```python\npipe = StableDiffusionXLPipeline.from_pretrained('<unzipped folder>')\n```",
     "merged-single": "```python\npipe = StableDiffusionXLPipeline.from_single_file('{file}')\n```\nor copy it into "
     "`ComfyUI/models/checkpoints/` or A1111's `models/Stable-diffusion/` (the exact file for A1111).",
 }
@@ -395,7 +397,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                 )
             }
             out, titles = [], []
-            for label, name in (("base", None), ("LoRA", lora), ("DoRA", dora)):
+            for label in ("base", "LoRA", "DoRA"):
                 g = results.get(label)
                 title = "Base" if label == "base" else label if g else f"{label}: no adapter chosen"
                 out.append(g.image if g else None)

@@ -4,8 +4,8 @@
 
 In a workspace (default: a temporary one): trains a short LoRA and DoRA on the sample subject
 (``demo/lora``, ``demo/dora``) unless they are there, serves the app, then per tab: Compare after a
-generation, Train after a short run started from the UI, Export after an export, Analysis of the demo's runs. PNGs over 300 KB
-are palette-quantised.
+generation, Train after a short run started from the UI, Export after an export, Analysis of the demo's runs.
+PNGs over 300 KB are palette-quantised.
 """
 
 from __future__ import annotations

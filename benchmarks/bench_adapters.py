@@ -796,7 +796,8 @@ def main(argv=None) -> int:
                 runs.append(r)
                 print(
                     f"  [{rep + 1}/{args.repeats}] {v:9s} step {r['median_step_s'] * 1e3:8.1f} ms  "
-                    f"peak +{r['peak_increase_bytes'] / MIB:7.1f} MiB  saved {r['saved_activation_bytes'] / MIB:7.1f} MiB  "
+                    f"peak +{r['peak_increase_bytes'] / MIB:7.1f} MiB  "
+                    f"saved {r['saved_activation_bytes'] / MIB:7.1f} MiB  "
                     f"trainable {r['trainable_params']:,}  ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )

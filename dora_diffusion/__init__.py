@@ -7,9 +7,9 @@ from .formats import AdapterFileError, LoadReport, load_adapter, save_adapter, u
 from .inject import (
     AdapterConfig,
     AdapterError,
-    add_adapters,
     adapter_parameters,
     adapter_state_dict,
+    add_adapters,
     load_adapter_state_dict,
     merge_adapters,
     remove_adapters,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 BOS = "<|startoftext|>"
@@ -134,14 +135,14 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return {byte: chr(code) for byte, code in zip(printable, codes)}
+    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """Encode one word (already byte-level characters) with CLIP's BPE rule: lowest rank first."""
     pieces = list(word[:-1]) + [word[-1] + "</w>"]
     while len(pieces) > 1:
-        pairs = {(a, b) for a, b in zip(pieces, pieces[1:])}
+        pairs = set(pairwise(pieces))
         best = min(pairs, key=lambda pair: ranks.get(pair, len(ranks) + 1))
         if best not in ranks:
             break

@@ -24,9 +24,10 @@ import math
 import os
 import tempfile
 import textwrap
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -630,8 +631,8 @@ def analyze_runs(
 
     ``runs``: training run folders (``checkpoints/checkpoint-N/adapter.safetensors`` and the final
     ``pytorch_lora_weights.safetensors``, used when no checkpoint has its step), single checkpoint
-    folders, adapter files, or full fine-tuning outputs (UNet folders, ``checkpoint-N/unet``). ``model``: the base model to compare
-    against; default what each run recorded (the embedded tiny model when nothing is recorded).
+    folders, adapter files, or full fine-tuning outputs (UNet folders, ``checkpoint-N/unet``). ``model``: the base
+    model to compare against; default what each run recorded (the embedded tiny model when nothing is recorded).
     ``layers``: whole-name patterns (``to_q``, ``attn1.to_*``) to keep only some layers.
     Base weights are loaded once per model.
     """
@@ -709,7 +710,7 @@ def decomposition_figure(result: AnalysisResult):
         ax = fig.add_subplot(rows_n, cols, i + 1)
         steps = result.steps(run)
         colours = colormaps["viridis"](np.linspace(0.0, 0.9, len(steps)))
-        for step, colour in zip(steps, colours):
+        for step, colour in zip(steps, colours, strict=True):
             pts = [r for r in result.rows if r.run == run and r.step == step]
             ax.scatter(
                 [r.delta_d for r in pts],

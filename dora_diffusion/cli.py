@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="eval_seeds",
         type=int,
         default=8,
-        help="sampling seeds per prompt for subject fidelity, prompt fidelity and drift; 0 = no metrics (default: %(default)s)",
+        help="sampling seeds per prompt for subject fidelity, prompt fidelity and drift; 0 = no metrics "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--dino", default=None, help="DINO model for subject fidelity (default on the embedded model: its judge)"
@@ -436,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--outputs",
         default="outputs",
-        help="workspace folder: runs, uploads and exports; every path typed in the app stays inside it (default: outputs)",
+        help="workspace folder: runs, uploads and exports; every path typed in the app stays inside it "
+        "(default: outputs)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for the network)"
@@ -450,11 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from .analysis import AnalysisError
     from .config import ConfigError
     from .data import DataError
-    from .inject import AdapterError
-    from .analysis import AnalysisError
     from .formats import AdapterFileError
+    from .inject import AdapterError
     from .metrics import MetricsModelNotFound
     from .models import ModelNotFoundError
 

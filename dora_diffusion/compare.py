@@ -33,7 +33,7 @@ class PeakMemory:
         except (OSError, ValueError):
             return None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -275,7 +275,10 @@ def metrics_table(runs: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
 
 
 def summary_table(runs: list[dict[str, Any]]) -> str:
-    head = "| run | trainable params | adapter file | median step | peak memory | final loss | r(ΔD, ΔM) |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    head = (
+        "| run | trainable params | adapter file | median step | peak memory | final loss | r(ΔD, ΔM) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
     lines = []
     for r in runs:
         mem = "n/a" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f} MiB"

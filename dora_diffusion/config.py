@@ -61,7 +61,8 @@ class TrainConfig:
     )
     model: str | None = _opt(
         None,
-        "Base SDXL model: a local diffusers folder or a hub id already in the local cache. Default: the embedded tiny model.",
+        "Base SDXL model: a local diffusers folder or a hub id already in the local cache. "
+        "Default: the embedded tiny model.",
         group="data",
     )
     resolution: int | None = _opt(
@@ -74,7 +75,8 @@ class TrainConfig:
     # --- the adapter
     method: str = _opt(
         "dora",
-        "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) or 'dvora' (magnitude + VeRA direction).",
+        "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) "
+        "or 'dvora' (magnitude + VeRA direction).",
         choices=METHODS,
         group="adapter",
     )
@@ -89,7 +91,8 @@ class TrainConfig:
     )
     policy: str | None = _opt(
         None,
-        "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, magnitude only on feed-forward). Groups: attn, ff, or whole module names.",
+        "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, "
+        "magnitude only on feed-forward). Groups: attn, ff, or whole module names.",
         group="adapter",
     )
     dropout: float = _opt(0.0, "Dropout on the adapter input.", group="adapter")
@@ -101,7 +104,8 @@ class TrainConfig:
     )
     memory_saving: bool = _opt(
         True,
-        "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~4% slower on CPU); --no-memory-saving keeps them.",
+        "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~4% slower on CPU); "
+        "--no-memory-saving keeps them.",
         group="adapter",
     )
     train_text_encoder: bool = _opt(False, "Also put adapters on both text encoders and train them.", group="adapter")
@@ -111,7 +115,8 @@ class TrainConfig:
     )
     class_data: str | None = _opt(
         None,
-        "Folder of class images; missing ones are generated with the base model and kept. Default: <output>/../class_images/<class prompt>.",
+        "Folder of class images; missing ones are generated with the base model and kept. "
+        "Default: <output>/../class_images/<class prompt>.",
         group="prior preservation",
     )
     num_class_images: int = _opt(50, "How many class images prior preservation uses.", group="prior preservation")
@@ -237,7 +242,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -144,7 +144,7 @@ def run_demo(
     pipe.set_progress_bar_config(disable=True)
     columns = {"base": None, "LoRA": output / "lora", "DoRA": output / "dora"}
     rows: list[list] = [[] for _ in GRID_PROMPTS]
-    for label, adapter in columns.items():
+    for adapter in columns.values():
         unload_adapter(pipe)
         if adapter is not None:
             load_adapter(pipe, adapter)
@@ -179,7 +179,8 @@ def run_demo(
     print(f"  judged over {JUDGED_SEEDS} seeds (the world's judge): the subject (teal robot with a heart) drawn for")
     for label, row in judged.items():
         print(
-            f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};  on the grass: subject {row['grass']['subject']:.0%},"
+            f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};"
+            f"  on the grass: subject {row['grass']['subject']:.0%},"
             f" grass {row['grass']['scene']:.0%};  on the beach: subject {row['beach']['subject']:.0%},"
             f" beach {row['beach']['scene']:.0%};  {CLASS_PROMPT!r}: subject {row['class']['subject']:.0%}"
         )

@@ -183,7 +183,7 @@ class TrainingJob:
         self._release = release
         self._thread = threading.Thread(target=self._run, name="dora-diffusion-train", daemon=True)
 
-    def start(self) -> "TrainingJob":
+    def start(self) -> TrainingJob:
         self._thread.start()
         return self
 

@@ -14,9 +14,10 @@ the plain functions of ``metrics``; this module generates the images they are co
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .config import ConfigError
 

@@ -9,15 +9,15 @@ a module when it equals the name or a dotted suffix of it (``to_q`` matches
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .layers import (
-    RESIDUAL_TAILS,
     ADAPTER_CLASSES,
+    RESIDUAL_TAILS,
     AdapterLinear,
     DoRALinear,
     DVoRALinear,
@@ -76,7 +76,8 @@ class AdapterConfig:
     vera_seed: int = 0
     """DVoRA only: seed of VeRA's frozen random matrices (stored in the adapter file)."""
     adapter_dtype: str | None = "float32"
-    """dtype of the adapter parameters (``float32`` keeps them fp32 under a half-precision base); ``None``: the base's."""
+    """dtype of the adapter parameters (``float32`` keeps them fp32 under a half-precision base);
+    ``None``: the base's."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ class Score:
         return self.mean
 
     @classmethod
-    def of(cls, values: torch.Tensor) -> "Score":
+    def of(cls, values: torch.Tensor) -> Score:
         """The score of a 1-D tensor of per-image values."""
         n = values.numel()
         std = values.std(correction=1).item() if n > 1 else 0.0

@@ -436,8 +436,7 @@ def load_pipeline(
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``from_pretrained``'s dtype argument: ``dtype`` from diffusers 0.42 (``torch_dtype`` is
     deprecated there), ``torch_dtype`` before (where ``dtype`` would be ignored)."""
-    from packaging.version import Version
-
     import diffusers
+    from packaging.version import Version
 
     return {"dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype": dtype}

@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .config import METHODS, ConfigError
 from .evaluation import Evaluator, check_embedders
@@ -328,11 +328,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fields = [f for f in TABLE_FIELDS if any(f in r for r in rows)]
     fig, axes = plt.subplots(1, len(fields), figsize=(3.6 * len(fields), 3.2), squeeze=False)
-    for ax, f in zip(axes[0], fields):
+    for ax, f in zip(axes[0], fields, strict=True):
         for method in dict.fromkeys(r["method"] for r in rows):
             pts = [(r["rank"], r[f]["mean"], r[f]["std"]) for r in rows if r["method"] == method and f in r]
             if pts:
-                ranks, means, stds = zip(*pts)
+                ranks, means, stds = zip(*pts, strict=True)
                 ax.errorbar(ranks, means, yerr=stds, marker="o", capsize=3, label=method)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["rank"] for r in rows}))

@@ -19,9 +19,10 @@ import random
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,7 @@ import torch.nn.functional as F
 from . import runs
 from .config import ConfigError, TrainConfig
 from .data import SubjectDataset, collate_examples, scan_subject_folder
-from .inject import add_adapters, adapter_parameters, adapter_state_dict, adapter_summary, load_adapter_state_dict
-
+from .inject import adapter_parameters, adapter_state_dict, adapter_summary, add_adapters, load_adapter_state_dict
 
 # --------------------------------------------------------------------------------------------
 # Small pure helpers
@@ -59,7 +59,7 @@ def batch_indices(seed: int, micro_step: int, rank: int, world: int, batch_size:
 def encode_prompts(text_encoders, tokenizers, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL prompt encoding: both encoders' penultimate hidden states, concatenated; te2's pooled output."""
     states, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
+    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(device)
@@ -288,7 +288,7 @@ class TrainResult:
 def adapter_checksum(modules: dict) -> float:
     """A float that differs when any adapter weight differs (replicas under DDP must agree)."""
     total = 0.0
-    for c, m in sorted(modules.items()):
+    for _, m in sorted(modules.items()):
         for i, (_, v) in enumerate(sorted(adapter_state_dict(m).items())):
             total += float((v.double().flatten() * torch.linspace(1, 2, v.numel(), dtype=torch.float64)).sum()) * (
                 i + 1
@@ -398,7 +398,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
     modules: dict[str, torch.nn.Module] = {"unet": unet}
     add_adapters(unet, adapter_cfg)
     if config.train_text_encoder:
-        for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders):
+        for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders, strict=True):
             add_adapters(te, adapter_cfg)
             modules[name] = te
     if config.gradient_checkpointing:
@@ -467,7 +467,7 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
         num_training_steps=config.max_steps,
     )
     prepared = accelerator.prepare(*modules.values(), optimizer)
-    modules = dict(zip(modules, prepared[:-1]))
+    modules = dict(zip(modules, prepared[:-1], strict=True))
     unet, optimizer = modules["unet"], prepared[-1]
     if config.train_text_encoder:
         text_encoders = [modules["text_encoder"], modules["text_encoder_2"]]

@@ -44,7 +44,7 @@ def test_compare_endpoint_returns_three_images_and_repeats_with_the_seed(served)
     arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
     assert all(a.shape == (80, 64, 3) for a in arrays)
     assert not np.array_equal(arrays[1], arrays[2])
-    for a, b in zip(images, second[:3]):
+    for a, b in zip(images, second[:3], strict=True):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     assert engine.pipe_loads == 1
 

@@ -119,13 +119,14 @@ def made(tmp_path_factory):
 
 
 def adapter(made, method: str) -> Path:
-    """The run folder (or, for ``dora_in``, the other tool's file) of a strong ``method`` adapter on all three components."""
+    """The run folder (or, for ``dora_in``, the other tool's file) of a strong ``method`` adapter on all three
+    components."""
     if ("run", method) not in made.files:
         pipe = load_pipeline(made.model)
         if method == "dora_in":
             made.files[("run", method)] = input_axis_file(pipe, made.root / "input_axis.safetensors")
         else:
-            for i, comp in enumerate(COMPONENTS):
+            for comp in COMPONENTS:
                 add_adapters(getattr(pipe, comp), AdapterConfig(method=method, rank=4, alpha=6.0, targets="attn+ff"))
             strengthen(pipe, seed=len(method))
             run = made.root / f"run-{method}"

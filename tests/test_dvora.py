@@ -5,10 +5,10 @@ import copy
 import torch
 from torch import nn
 
-from helpers import unet_inputs
 from dora_diffusion import AdapterConfig, add_adapters, load_adapter, merge_adapters, save_adapter
 from dora_diffusion.inject import adapter_parameters, as_dora
 from dora_diffusion.layers import DoRALinear, DVoRALinear, adapter_modules, vera_matrices
+from helpers import unet_inputs
 
 
 def _trained_dvora(seed=0, dtype=torch.float64):

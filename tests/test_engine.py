@@ -46,7 +46,7 @@ def test_compare_loads_the_base_once_and_swaps_adapters(engine, monkeypatch):
     assert len(loads) == 1 and engine.pipe_loads == 1 and engine.pipe.unet is unet
     assert [g.label for g in first] == ["base", "LoRA", "DoRA"]
     assert all(g.image.size == (64, 72) and g.seconds > 0 for g in first)
-    for a, b in zip(first, second):  # same seed: the same images
+    for a, b in zip(first, second, strict=True):  # same seed: the same images
         assert np.array_equal(pixels(a.image), pixels(b.image))
     base, lora, dora = (pixels(g.image) for g in first)  # different adapters: different images
     assert not np.array_equal(base, lora) and not np.array_equal(base, dora) and not np.array_equal(lora, dora)

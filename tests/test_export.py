@@ -41,7 +41,7 @@ def outputs(pipe):
 
 
 def assert_same(a, b, rtol=1e-5):
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert (x - y).abs().max() <= rtol * max(1.0, y.abs().max()), (x - y).abs().max()
 
 

@@ -9,10 +9,10 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import randomize_adapters, text_ids, unet_inputs
 from dora_diffusion import AdapterConfig, AdapterFileError, add_adapters, load_adapter, save_adapter, set_adapter_scale
 from dora_diffusion.formats import WEIGHT_NAME, unload_adapter
 from dora_diffusion.layers import AdapterLinear, adapter_modules
+from helpers import randomize_adapters, text_ids, unet_inputs
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -49,7 +49,7 @@ def test_save_load_round_trip_is_exact(tiny_components, tmp_path, method, compon
     report = load_adapter(loaded, tmp_path / "run")
     assert set(report.layers) == set(components)
     assert all(report.method[c] == method for c in components)
-    for ours, theirs in zip(outputs(pipe), outputs(loaded)):
+    for ours, theirs in zip(outputs(pipe), outputs(loaded), strict=True):
         assert torch.equal(ours, theirs)
 
 
@@ -80,7 +80,7 @@ def test_diffusers_load_lora_weights_reproduces_our_outputs(tiny_components, tmp
     theirs.load_lora_weights(tmp_path)
     ours = outputs(pipe)
     base = outputs(fresh(tiny_components))
-    for i, (mine, loaded) in enumerate(zip(ours, outputs(theirs))):
+    for i, (mine, loaded) in enumerate(zip(ours, outputs(theirs), strict=True)):
         assert not torch.allclose(mine, base[i], atol=1e-4)  # the adapter does change this output
         torch.testing.assert_close(loaded, mine, rtol=1e-5, atol=1e-5)
 

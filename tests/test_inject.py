@@ -7,18 +7,18 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from helpers import randomize_adapters, text_ids, unet_inputs
 from dora_diffusion import (
     AdapterConfig,
     AdapterError,
-    add_adapters,
     adapter_parameters,
     adapter_state_dict,
+    add_adapters,
     load_adapter_state_dict,
     merge_adapters,
 )
 from dora_diffusion.inject import find_targets, name_matches, remove_adapters
 from dora_diffusion.layers import AdapterLinear, adapter_modules
+from helpers import randomize_adapters, text_ids, unet_inputs
 
 
 @pytest.mark.parametrize(

@@ -306,7 +306,7 @@ def test_judge_embedder_passes_images_through():
     embedder = JudgeEmbedder(judge)
     pics = [Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))]
     x = embedder.embed_images(pics)
-    assert len(judge.seen) == 1 and all(a is b for a, b in zip(judge.seen[0], pics))
+    assert len(judge.seen) == 1 and all(a is b for a, b in zip(judge.seen[0], pics, strict=True))
     assert x.dtype == torch.float32 and torch.equal(x, t([[255, 0, 0], [0, 0, 255]]))
     assert isinstance(embedder, ImageEmbedder)
     assert subject_fidelity(pics[:1], pics, embedder=embedder).mean == pytest.approx(0.5)  # cos 1 and 0

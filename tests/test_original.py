@@ -17,7 +17,6 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from helpers import text_ids, unet_inputs
 from dora_diffusion import AdapterConfig, add_adapters
 from dora_diffusion.formats import original
 from dora_diffusion.formats.original import (
@@ -32,6 +31,7 @@ from dora_diffusion.formats.original import (
     to_original_sdxl,
 )
 from dora_diffusion.models import build_tiny_sdxl
+from helpers import text_ids, unet_inputs
 
 SDXL = Path(__file__).resolve().parents[2] / "shared" / "sdxl"
 EXTRAS = {original.POSITION_IDS_KEY, original.LOGIT_SCALE_KEY}  # in the original file, not model weights

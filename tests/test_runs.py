@@ -4,7 +4,6 @@ by analysis, export, the CLI and the app's engine from its adapter file alone.""
 
 import ast
 import copy
-import json
 import shutil
 import subprocess
 import sys

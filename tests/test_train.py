@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dora_diffusion import AdapterConfig, add_adapters, adapter_parameters, load_adapter
+from dora_diffusion import AdapterConfig, adapter_parameters, add_adapters, load_adapter
 from dora_diffusion.cli import main
 from dora_diffusion.config import ConfigError, TrainConfig
 from dora_diffusion.train import batch_indices, diffusion_loss, encode_prompts, train
@@ -121,7 +121,9 @@ def test_resume_is_exact(tiny_model, small_data, tmp_path):
 
 def test_stop_keeps_a_checkpoint_and_resume_checks_the_config(tiny_model, small_data, tmp_path):
     out = tmp_path / "run"
-    result = train(quick(tiny_model, small_data, out, method="lora", max_steps=5), should_stop=lambda s, l: s == 2)
+    result = train(
+        quick(tiny_model, small_data, out, method="lora", max_steps=5), should_stop=lambda step, _loss: step == 2
+    )
     assert result.stopped and (out / "checkpoints" / "checkpoint-2" / "state.json").is_file()
     assert not list((out / "checkpoints").glob(".tmp-*"))
     with pytest.raises(ConfigError, match="resume: method is 'dora'.*'lora'"):

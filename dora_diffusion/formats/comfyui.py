@@ -41,7 +41,8 @@ NOTE = (
 
 
 def _norms(w0: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(‖W0‖_row + eps, ‖W0 + (alpha/r)·up·down‖_row)`` in fp64, ``[out]`` each (r = ``down.shape[0]``, as ComfyUI)."""
+    """``(‖W0‖_row + eps, ‖W0 + (alpha/r)·up·down‖_row)`` in fp64, ``[out]`` each
+    (r = ``down.shape[0]``, as ComfyUI)."""
     w = w0.detach().to("cpu", torch.float64)
     v = w + (float(alpha) / down.shape[0]) * (up.to("cpu", torch.float64) @ down.to("cpu", torch.float64))  # [out, in]
     return torch.linalg.vector_norm(w, dim=1) + COMFYUI_EPS, torch.linalg.vector_norm(v, dim=1)
@@ -97,7 +98,8 @@ def save_comfyui(
     )
     target = {
         "loaders": "ComfyUI, Forge (weight_decompose: output-axis dora_scale divided by ||W0||_row + eps)",
-        "dora_scale": "m * (||W0||_row + eps) / ||W0 + dW||_row, [out, 1]; input-axis [1, in] and LoRA layers as in the kohya file",
+        "dora_scale": "m * (||W0||_row + eps) / ||W0 + dW||_row, [out, 1]; "
+        "input-axis [1, in] and LoRA layers as in the kohya file",
         "eps": COMFYUI_EPS,
         "computed_on_base_dtype": dtypes,
         "comfyui_commit": COMFYUI_COMMIT,

@@ -2,11 +2,14 @@
 
 Keys, one module each:
 
-    lora_unet_<SGM name, '.' -> '_'>.lora_down.weight   [r, in]     e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q
+    lora_unet_<SGM name, '.' -> '_'>.lora_down.weight   [r, in]
     lora_unet_<...>.lora_up.weight                        [out, r]
     lora_unet_<...>.alpha                                 []          scale = alpha / r
     lora_unet_<...>.dora_scale                            [out, 1]    (we write the output-row axis)
     lora_te1_text_model_encoder_layers_0_self_attn_q_proj.*   /  lora_te2_*   (text encoders)
+
+e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`` for the UNet's
+``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``.
 
 ``dora_scale`` is the DoRA magnitude. Its axis differs by producer: LyCORIS >= 3.2 (``wd_on_out``)
 writes one per OUTPUT row ``[out, 1]``; LyCORIS < 3.2 and OneTrainer one per INPUT column ``[1, in]``.

@@ -18,7 +18,7 @@ import torch
 
 from ..inject import remove_adapters, set_submodule
 from ..layers import AdapterLinear, set_adapter_scale
-from .base import LoadReport, AdapterFileError, components_of, our_entry
+from .base import AdapterFileError, LoadReport, components_of, our_entry
 from .comfyui import COMFYUI_LAYOUT, plan_comfyui
 from .diffusers import WEIGHT_NAME, plan_adapters
 from .kohya import is_kohya, plan_kohya

@@ -7,7 +7,7 @@ under four prefixes:
     model.diffusion_model.                  the UNet, SGM/LDM names (``input_blocks.4.1.transformer_blocks...``)
     first_stage_model.                      the VAE, LDM names (``encoder.down.0.block.1.conv1``, ``decoder.up.3...``)
     conditioner.embedders.0.transformer.    text_encoder: Hugging Face CLIP names, with the ``text_model.`` level
-    conditioner.embedders.1.model.          text_encoder_2: OpenCLIP names (``transformer.resblocks.N.attn.in_proj_weight``)
+    conditioner.embedders.1.model.          text_encoder_2: OpenCLIP names (``transformer.resblocks.N.attn.in_proj_*``)
 
 Where the mapping comes from: it is the reverse of diffusers' single-file loader
 (``diffusers/loaders/single_file_utils.py``): ``convert_ldm_unet_checkpoint`` (UNet blocks:
@@ -340,7 +340,8 @@ def _components(pipe_or_components: Any) -> dict[str, nn.Module]:
     missing = [name for name in CHECKPOINT_COMPONENTS if name not in found]
     if missing:
         raise OriginalFormatError(
-            f"An original SDXL checkpoint needs unet, vae, text_encoder and text_encoder_2; missing: {', '.join(missing)}."
+            "An original SDXL checkpoint needs unet, vae, text_encoder and text_encoder_2; "
+            f"missing: {', '.join(missing)}."
         )
     for name, module in found.items():
         for module_name, sub in module.named_modules():

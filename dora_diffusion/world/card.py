@@ -55,7 +55,7 @@ def _plot_losses(work: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), constrained_layout=True)
-    for ax, stage in zip(axes, ("vae", "judge", "unet")):
+    for ax, stage in zip(axes, ("vae", "judge", "unet"), strict=True):
         path = work / stage / "log.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
@@ -151,11 +151,13 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         "| stage | what | steps | wall time |",
         "|---|---|---:|---:|",
         f"| data | {stages['data']['images']:,} renders | | {wall.get('data', 0):.0f} s |",
-        f"| vae | AutoencoderKL on {recipe['vae_crop']} px crops, MSE + 0.5 L1 + {recipe['kl_weight']:g} KL, bf16 autocast;"
+        f"| vae | AutoencoderKL on {recipe['vae_crop']} px crops, MSE + 0.5 L1 + {recipe['kl_weight']:g} KL,"
+        " bf16 autocast;"
         f" reconstruction MSE {stages['vae']['recon_mse']:.4f} ([-1, 1] scale); scaling factor"
         f" {stages['vae']['scaling_factor']:.4f} | {recipe['vae_steps']:,} x {recipe['vae_batch']} |"
         f" {wall.get('vae', 0) / 60:.1f} min |",
-        f"| judge | CNN on renders and their VAE reconstructions | {recipe['judge_steps']:,} x {recipe['judge_batch']} |"
+        "| judge | CNN on renders and their VAE reconstructions |"
+        f" {recipe['judge_steps']:,} x {recipe['judge_batch']} |"
         f" {wall.get('judge', 0) / 60:.1f} min |",
         f"| unet | UNet + both text encoders jointly, epsilon, min-SNR-{recipe['snr_gamma']:g}, caption dropout"
         f" {recipe['caption_dropout']:.0%} (zero embeddings), AdamW {recipe['unet_lr']:g} / {recipe['text_lr']:g}"
@@ -164,7 +166,8 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         "",
         f"Total {total / 60:.0f} min on a 2-core x86 CPU (seed {recipe['seed']}, torch threads {threads}), in resumable"
         " chunks; the loop times are read from the stages' logs.",
-        "Reproduce: `dora-diffusion pretrain-tiny --work outputs/pretrain` (add `--max-minutes 60` to run it in chunks).",
+        "Reproduce: `dora-diffusion pretrain-tiny --work outputs/pretrain`"
+        " (add `--max-minutes 60` to run it in chunks).",
         "",
         "![loss curves](card/loss_curves.png)",
         "",
@@ -183,7 +186,8 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         f"{stages['judge'].get('held_out_robots', 0):,} held-out robots of every colour and symbol, it sees the sample"
         f" subject's combination (teal, heart) in {stages['judge'].get('subject_recall', float('nan')):.0%} of the"
         f" {stages['judge'].get('subject_robots', 0)} that have it and in"
-        f" {stages['judge'].get('subject_false_positive', float('nan')):.1%} of the others. (Trained on the world alone,"
+        f" {stages['judge'].get('subject_false_positive', float('nan')):.1%} of the others."
+        " (Trained on the world alone,"
         " it had learned that teal robots never wear a heart: the 4,000 extra robot renders it is trained on"
         " include that combination; the generator never saw it.)",
         "",
@@ -193,7 +197,8 @@ def write_model_card(work: str | Path, model_dir: str | Path, n: int = 64) -> Pa
         "| model | class right | colour right | scene right |",
         "|---|---:|---:|---:|",
         f"| this model | {learned['kind']:.0%} | {learned['colour']:.0%} | {learned['scene']:.0%} |",
-        f"| same architecture, random weights (floor) | {floor['kind']:.0%} | {floor['colour']:.0%} | {floor['scene']:.0%} |",
+        f"| same architecture, random weights (floor) | {floor['kind']:.0%} | {floor['colour']:.0%}"
+        f" | {floor['scene']:.0%} |",
         f"| chance | {1 / len(CLASSES):.0%} | {1 / len(COLOURS):.0%} | {1 / len(SCENES):.0%} |",
         "",
         "![prompt following](card/prompt_following.png)",

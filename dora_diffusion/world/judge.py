@@ -8,9 +8,10 @@ embedded model's metrics, as DINO's do on a real one.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class Judge(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Judge":
+    def load(cls, folder: str | Path) -> Judge:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -174,7 +175,7 @@ class Readings:
     read: list[dict[str, Any]]
 
     def rate(self, field: str) -> float:
-        pairs = [(a[field], r[field]) for a, r in zip(self.asked, self.read) if field in a]
+        pairs = [(a[field], r[field]) for a, r in zip(self.asked, self.read, strict=True) if field in a]
         return sum(a == r for a, r in pairs) / max(1, len(pairs))
 
     def subject_rate(self) -> float:

@@ -191,7 +191,7 @@ def _train_loop(
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=stage.name, mininterval=5)
     for step in bar:
-        for group, peak in zip(optimizer.param_groups, peaks):
+        for group, peak in zip(optimizer.param_groups, peaks, strict=True):
             group["lr"] = _lr(step, steps, cfg.warmup_steps, peak)
         loss = step_fn(step)
         window.append(loss)
@@ -354,8 +354,8 @@ def _stage_judge(cfg: PretrainConfig, work: Path, clock: _Clock, vae) -> tuple[b
 
     read = judge.read([Image.fromarray(p) for p in robot_pixels])
     truth = [is_subject(t.kind, t.colour, t.symbol) for t in robot_toys]
-    hits = [r["subject"] for r, t in zip(read, truth) if t]
-    false = [r["subject"] for r, t in zip(read, truth) if not t]
+    hits = [r["subject"] for r, t in zip(read, truth, strict=True) if t]
+    false = [r["subject"] for r, t in zip(read, truth, strict=True) if not t]
     stage.finish(
         {
             "steps": cfg.judge_steps,
