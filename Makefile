@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 LOCK := requirements.lock
 LATEST_VENV := .venv-latest
 
-.PHONY: setup lock test test-latest test-fast demo app screenshots bench bench-full clean
+.PHONY: setup lock lint format test test-latest test-fast demo app screenshots bench bench-full clean
 
 setup: $(VENV)/.installed
 
@@ -45,7 +45,17 @@ test-latest:  ## the suite against the newest releases (torch at TORCH_SPEC), up
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|diffusers|transformers|peft|accelerate|gradio|huggingface.hub)=='
 	$(LATEST_VENV)/bin/python -m pytest
 
-test: setup  ## the whole suite, slow end-to-end tests included (what CI runs)
+LINTED := dora_diffusion tests benchmarks app
+
+lint: setup  ## ruff: the lint rules and the formatting (pyproject's [tool.ruff]); `make format` fixes what it can
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: setup  ## ruff format and the safe lint fixes, in place
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
+
+test: setup lint  ## lint, then the whole suite, slow end-to-end tests included (what CI runs)
 	$(PY) -m pytest
 
 test-fast: setup  ## everything but the tests marked slow
