@@ -77,4 +77,4 @@ bench-full: setup  ## the full-size SDXL UNet (needs a CUDA GPU)
 	$(PY) benchmarks/bench_adapters.py --size full --device cuda --dtype bfloat16 --resolution 1024 --out benchmarks/results/gpu-full.json
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) .venv-lock .pytest_cache .hypothesis .ruff_cache
