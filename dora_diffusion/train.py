@@ -2,8 +2,8 @@
 
 ``train(config)`` reads top to bottom: set up, load, adapt, cache, then one optimizer step per loop
 iteration, with validation images and checkpoints on the way, and the adapter, the resolved config
-and a model card at the end. SDXL specifics (prompt encoding, time ids, noise, timesteps, targets,
-loss weights) are the small pure helpers above it.
+and a model card at the end. SDXL specifics (prompt encoding, data order, seeded noise) are the small
+pure helpers above it; the loss (target, min-SNR weights) is ``losses``.
 
 Reproducibility: every random draw comes from a generator keyed on (seed, step, rank) or
 (seed, image), never from hidden global state, except dropout, whose global RNG state is saved in
@@ -22,16 +22,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import runs
 from .config import ConfigError, TrainConfig
 from .data import SubjectDataset, collate_examples, scan_subject_folder
 from .inject import adapter_parameters, adapter_state_dict, adapter_summary, add_adapters, load_adapter_state_dict
+from .losses import diffusion_loss, loss_weights, training_target
 
 # --------------------------------------------------------------------------------------------
 # Small pure helpers
@@ -67,36 +67,6 @@ def encode_prompts(text_encoders, tokenizers, prompts: list[str], device) -> tup
         states.append(out.hidden_states[-2])
         pooled = out[0]  # te2 (the last): projected pooled output, [B, projection_dim]
     return torch.cat(states, dim=-1), pooled
-
-
-def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (epsilon) or the velocity (v-prediction)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ConfigError(f"model: scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
-
-
-def loss_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float | None) -> torch.Tensor | None:
-    """Min-SNR-γ weights (Hang et al. 2023), or ``None`` for a plain mean."""
-    if snr_gamma is None:
-        return None
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-    if scheduler.config.prediction_type == "v_prediction":
-        return weights / (snr + 1)
-    return weights / snr
-
-
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    if weights is None:
-        return F.mse_loss(pred.float(), target.float())
-    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_example * weights).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,15 +266,36 @@ def adapter_checksum(modules: dict) -> float:
     return total
 
 
-def train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None = None) -> TrainResult:
+class StepReport(NamedTuple):
+    """What ``train``'s ``progress`` callback is given after every optimizer step, and once more at the end
+    with the final validation images (``seconds`` is ``None`` there: no step was taken)."""
+
+    step: int
+    loss: float
+    seconds: float | None
+    """The step's wall time (validation and checkpoints not included)."""
+    images: tuple[Path, ...] = ()
+    """Validation images written at this step."""
+
+
+def train(
+    config: TrainConfig,
+    should_stop: Callable[[int, float], bool] | None = None,
+    progress: Callable[[StepReport], None] | None = None,
+) -> TrainResult:
     """Train as ``config`` says. ``should_stop(step, loss)`` is asked after every step; when it answers
     True the run checkpoints and stops cleanly (``TrainResult.stopped``), resumable with ``resume``.
+    ``progress(StepReport)`` is told every step's loss and time and the validation images (main process).
     One run at a time per output folder (``output_lock``)."""
     with output_lock(config.output):
-        return _train(config, should_stop)
+        return _train(config, should_stop, progress)
 
 
-def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None) -> TrainResult:
+def _train(
+    config: TrainConfig,
+    should_stop: Callable[[int, float], bool] | None,
+    progress: Callable[[StepReport], None] | None = None,
+) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
@@ -584,10 +575,14 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
             runs.append_log(output, {"step": done, "loss": loss_value, "lr": lr, "step_seconds": elapsed})
             accelerator.log({"loss": loss_value, "lr": lr, "step_seconds": elapsed}, step=done)
         # validation and checkpoints
+        images: list[Path] = []
         if config.validation_steps and done % config.validation_steps == 0 and done != config.max_steps:
-            validation_images += run_validation(accelerator, pipe, modules, text_encoders, config, output, done)
+            images = run_validation(accelerator, pipe, modules, text_encoders, config, output, done)
+            validation_images += images
         if config.checkpoint_steps and done % config.checkpoint_steps == 0:
             save_checkpoint(accelerator, output, done, modules, optimizer, lr_scheduler, config)
+        if progress is not None and accelerator.is_main_process:
+            progress(StepReport(done, loss_value, elapsed, tuple(images)))
         if should_stop is not None and done < config.max_steps and should_stop(done, loss_value):
             if not (config.checkpoint_steps and done % config.checkpoint_steps == 0):
                 save_checkpoint(accelerator, output, done, modules, optimizer, lr_scheduler, config)
@@ -628,7 +623,10 @@ def _train(config: TrainConfig, should_stop: Callable[[int, float], bool] | None
             )
 
     # ---- the end: final validation, the adapter, config and model card
-    validation_images += run_validation(accelerator, pipe, modules, text_encoders, config, output, config.max_steps)
+    images = run_validation(accelerator, pipe, modules, text_encoders, config, output, config.max_steps)
+    validation_images += images
+    if progress is not None and accelerator.is_main_process:
+        progress(StepReport(config.max_steps, loss_value, None, tuple(images)))
     adapter_file = runs.adapter_file(output)
     if accelerator.is_main_process:
         unwrapped = {c: accelerator.unwrap_model(m) for c, m in modules.items()}

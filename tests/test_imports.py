@@ -3,18 +3,12 @@ no module imports another that imports it back, however far round, and only the 
 
 import ast
 
-import pytest
-
 from helpers import REPO
 
 PACKAGE = "dora_diffusion"
 # What may import the training loop: the shells that start runs (the CLI, the app's engine, the demo, and
 # compare and sweep, which train the runs they compare), and train itself.
 TRAIN_IMPORTERS = {f"{PACKAGE}.{m}" for m in ("cli", "engine", "demo", "compare", "sweep", "train")}
-# Importers of train still to be moved off it (each its own xfail below, so that a new one fails here).
-PENDING_TRAIN_IMPORTERS = {
-    f"{PACKAGE}.world.pretrain": "takes train.loss_weights (the min-SNR weights) for its UNet loss"
-}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -118,14 +112,8 @@ def _train_importers() -> set[str]:
 
 
 def test_only_the_shells_import_train():
-    importers = sorted(_train_importers() - set(PENDING_TRAIN_IMPORTERS))
+    importers = sorted(_train_importers())
     assert not importers, (
         f"{', '.join(importers)} import {PACKAGE}.train; facts a run or a model holds live in "
         "runs / models, and only the shells that start runs import the loop"
     )
-
-
-@pytest.mark.parametrize("module", sorted(PENDING_TRAIN_IMPORTERS))
-def test_pending_train_importers(module):
-    if module in _train_importers():
-        pytest.xfail(f"{module} imports {PACKAGE}.train: it {PENDING_TRAIN_IMPORTERS[module]}")

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from dora_diffusion import AdapterConfig, adapter_parameters, add_adapters, load_adapter
 from dora_diffusion.cli import main
 from dora_diffusion.config import ConfigError, TrainConfig
-from dora_diffusion.train import batch_indices, diffusion_loss, encode_prompts, train
+from dora_diffusion.losses import diffusion_loss
+from dora_diffusion.train import batch_indices, encode_prompts, train
 from helpers import SAMPLE, free_port, unet_inputs
 
 
@@ -396,7 +397,7 @@ def test_training_options_run_and_save(tiny_model, small_data, tmp_path, options
 def test_v_prediction_target(tiny_components):
     from diffusers import DDPMScheduler
 
-    from dora_diffusion.train import training_target
+    from dora_diffusion.losses import training_target
 
     sched = DDPMScheduler.from_config({**tiny_components["scheduler"].config, "prediction_type": "v_prediction"})
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])

@@ -382,7 +382,7 @@ def _caption_choice(toy: Toy, g: torch.Generator) -> str:
 def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock) -> bool:
     from diffusers import DDPMScheduler
 
-    from ..train import loss_weights
+    from ..losses import diffusion_loss, loss_weights
 
     stage = _Stage(work, "unet")
     unet, te1, te2 = components["unet"], components["text_encoder"], components["text_encoder_2"]
@@ -442,8 +442,7 @@ def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock
         pred = unet(
             noisy, t, hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(b, 1)}
         ).sample
-        w = loss_weights(scheduler, t, cfg.snr_gamma)
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        loss = diffusion_loss(pred, noise, loss_weights(scheduler, t, cfg.snr_gamma))
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
         optimizer.step()
