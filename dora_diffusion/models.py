@@ -49,6 +49,8 @@ __all__ = [
     "embedded_judge",
     "embedded_model",
     "ensure_tiny_model",
+    "is_unet_folder",
+    "load_component",
     "load_pipeline",
     "model_folder",
     "native_resolution",
@@ -410,6 +412,33 @@ def model_folder(resolved: str | os.PathLike[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(resolved), local_files_only=True))
+
+
+def is_unet_folder(path: str | os.PathLike[str]) -> bool:
+    """A bare UNet folder (its ``config.json`` names a ``UNet2DConditionModel``), as full fine-tuning writes."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("_class_name") == "UNet2DConditionModel"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_component(folder: str | os.PathLike[str], name: str) -> torch.nn.Module:
+    """One component (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) of a local pipeline folder, or
+    the UNet of a bare UNet folder: offline, safetensors only, frozen, in eval mode, on the CPU."""
+    classes = {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+    }
+    if name not in classes:
+        raise ValueError(f"{name}: not a model component ({', '.join(classes)})")
+    kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if not is_unet_folder(folder):
+        kw["subfolder"] = name
+    elif name != "unet":
+        raise ModelNotFoundError(f"{folder} is a UNet folder; it has no {name}")
+    return classes[name].from_pretrained(folder, **kw).eval().requires_grad_(False)
 
 
 def native_resolution(model_dir: str | os.PathLike[str]) -> int:

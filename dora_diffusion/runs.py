@@ -266,6 +266,20 @@ def checkpoint_step(checkpoint: str | os.PathLike) -> int:
     return int(read_checkpoint_state(checkpoint)["step"])
 
 
+def read_checkpoint_adapters(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """A checkpoint's adapter weights per component: ``{component: {"<module>.<param>": tensor}}`` (the
+    adapter state dicts ``inject.adapter_state_dict`` gives; the file's keys are ``<component>.<key>``).
+    A missing or malformed file: ``AdapterFileError`` naming it."""
+    from .formats import read_adapter_file
+
+    tensors, _, _ = read_adapter_file(Path(checkpoint) / CHECKPOINT_ADAPTER_NAME)
+    found: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        found.setdefault(component, {})[rest] = tensor
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # Validation images
 # --------------------------------------------------------------------------------------------
