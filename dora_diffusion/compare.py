@@ -100,9 +100,8 @@ class CompareConfig:
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Train every (method, rank) with the same seed and settings; write grid, analysis and summary."""
     from .analysis import analyze
-    from .formats import load_adapter, unload_adapter
     from .models import load_pipeline
-    from .sampling import SampleSettings, generate, image_grid
+    from .sampling import Column, SampleSettings, image_grid, sample_columns
     from .train import prepare_output, train
 
     root = prepare_output(cfg.train)
@@ -143,25 +142,20 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     # the grid: rows = validation prompts, columns = runs (base first), same noise per row
     pipe = load_pipeline(cfg.train.model)
     pipe.set_progress_bar_config(disable=True)
-    columns: list[list] = []
-    for run in [None, *runs]:
-        unload_adapter(pipe)
-        if run is not None:
-            load_adapter(pipe, run["output"])
-        column = []
-        for prompt in cfg.validation_prompts:
-            s = SampleSettings(
-                prompt,
-                seed=cfg.train.seed,
-                steps=cfg.sample_steps,
-                guidance=cfg.train.validation_guidance,
-                width=cfg.sample_size,
-                height=cfg.sample_size,
-            )
-            column += generate(pipe, s)
-        columns.append(column)
-    rows = [[col[i] for col in columns] for i in range(len(cfg.validation_prompts))]
-    grid = image_grid(rows, col_labels=["base"] + [r["label"] for r in runs], row_labels=cfg.validation_prompts)
+    settings = [
+        SampleSettings(
+            prompt,
+            seed=cfg.train.seed,
+            steps=cfg.sample_steps,
+            guidance=cfg.train.validation_guidance,
+            width=cfg.sample_size,
+            height=cfg.sample_size,
+        )
+        for prompt in cfg.validation_prompts
+    ]
+    columns = sample_columns(pipe, [Column("base"), *(Column(r["label"], r["output"]) for r in runs)], settings)
+    rows = [[col.images[i][0] for col in columns] for i in range(len(settings))]
+    grid = image_grid(rows, col_labels=[col.label for col in columns], row_labels=cfg.validation_prompts)
     grid_path = root / "grid.png"
     grid.save(grid_path)
 

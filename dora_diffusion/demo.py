@@ -107,9 +107,8 @@ def run_demo(
 ) -> dict:
     """Train both methods, write ``comparison.png`` and ``summary.json`` under ``output``; return the summary."""
     from .config import ConfigError
-    from .formats import load_adapter, unload_adapter
     from .models import embedded_judge, embedded_model, load_pipeline
-    from .sampling import SampleSettings, generate, image_grid
+    from .sampling import Column, SampleSettings, image_grid, sample_columns
     from .threads import set_torch_threads
     from .train import train
 
@@ -143,16 +142,9 @@ def run_demo(
     pipe = load_pipeline(str(model))
     pipe.set_progress_bar_config(disable=True)
     columns = {"base": None, "LoRA": output / "lora", "DoRA": output / "dora"}
-    rows: list[list] = [[] for _ in GRID_PROMPTS]
-    for adapter in columns.values():
-        unload_adapter(pipe)
-        if adapter is not None:
-            load_adapter(pipe, adapter)
-        for r, prompt in enumerate(GRID_PROMPTS):
-            images = generate(pipe, SampleSettings(prompt, seed=0, steps=25, guidance=5.0), num_images=2)
-            strip = _side_by_side(images, CELL)
-            rows[r].append(strip)
-    unload_adapter(pipe)
+    settings = [SampleSettings(prompt, seed=0, steps=25, guidance=5.0) for prompt in GRID_PROMPTS]
+    sampled = sample_columns(pipe, [Column(label, adapter) for label, adapter in columns.items()], settings, 2)
+    rows = [[_side_by_side(col.images[r], CELL) for col in sampled] for r in range(len(GRID_PROMPTS))]
     grid = image_grid(rows, col_labels=[f"{c} (seeds 0, 1)" for c in columns], row_labels=list(GRID_PROMPTS))
     grid_path = output / "comparison.png"
     grid.save(grid_path)

@@ -2,13 +2,17 @@
 
 Same prompt + same seed + same size = same initial noise, whatever adapter is loaded: the noise is
 drawn once on the CPU from a seeded generator and handed to the pipeline as ``latents``, so a
-side-by-side image shows only what the adapter changed.
+side-by-side image shows only what the adapter changed. ``sample_columns`` is that side by side:
+base | adapters, each column from the same noise, swapped in and out of one pipeline.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -61,6 +65,46 @@ def generate(pipe, settings: SampleSettings, num_images: int = 1) -> list[Image.
         output_type="pil",
     )
     return list(out.images)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a side-by-side comparison: the base model (``adapter`` None) or an adapter at a scale."""
+
+    label: str
+    adapter: str | os.PathLike | None = None
+    """An adapter file or its folder; ``None``: the base model."""
+    scale: float = 1.0
+
+
+class ColumnImages(NamedTuple):
+    label: str
+    images: list[list[Image.Image]]
+    """``images[i]``: the ``num_images`` images of the ``i``-th settings."""
+    seconds: float
+    """Generation time of the column (loading its adapter not counted)."""
+
+
+def sample_columns(
+    pipe, columns: Sequence[Column], settings: Sequence[SampleSettings], num_images: int = 1
+) -> list[ColumnImages]:
+    """Every column's images for every ``settings``, from the same initial noise in each: the adapters are
+    loaded into ``pipe`` in place, one at a time, and unloaded again, so the pipeline is left as the base
+    model (also when a column fails)."""
+    from .formats import load_adapter, unload_adapter
+
+    out = []
+    try:
+        for column in columns:
+            unload_adapter(pipe)
+            if column.adapter is not None:
+                load_adapter(pipe, column.adapter, scale=column.scale)
+            started = time.perf_counter()
+            images = [generate(pipe, s, num_images) for s in settings]
+            out.append(ColumnImages(column.label, images, time.perf_counter() - started))
+    finally:
+        unload_adapter(pipe)
+    return out
 
 
 def _font(size: int):
