@@ -115,11 +115,7 @@ class AdapterConfig:
     @property
     def patterns(self) -> list[str]:
         """The whole-name patterns ``targets`` stands for."""
-        if isinstance(self.targets, str):
-            if self.targets in PRESETS:
-                return list(PRESETS[self.targets])
-            return [t.strip() for t in self.targets.split(",") if t.strip()]
-        return list(self.targets)
+        return target_patterns(self.targets)
 
     def method_for(self, name: str) -> str:
         """The method of the layer ``name`` under ``policy``."""
@@ -150,9 +146,29 @@ def name_matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(".".join(parts[-depth:]), pattern) or fnmatch.fnmatchcase(name, pattern)
 
 
+def target_patterns(targets: str | Sequence[str]) -> list[str]:
+    """The whole-name patterns a ``targets`` value stands for (a preset, comma-separated names, or a list)."""
+    if isinstance(targets, str):
+        if targets in PRESETS:
+            return list(PRESETS[targets])
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return list(targets)
+
+
 def find_targets(module: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the ``nn.Linear`` modules of ``module`` that ``config`` adapts (sorted as in the model)."""
-    patterns = config.patterns
+    return select_targets(module, config.targets, require_match=False)
+
+
+def select_targets(module: nn.Module, targets: str | Sequence[str], *, require_match: bool = True) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules of ``module`` that ``targets`` names, in the model's order:
+    the layers ``add_adapters`` wraps, and the layers full fine-tuning trains.
+
+    ``require_match``: every explicit pattern must match at least one layer (a typo is an error, not a
+    no-op); a preset may match nothing in one component (``attn``'s CLIP names in a UNet) but must match
+    something.
+    """
+    patterns = target_patterns(targets)
     is_all = patterns == ["*"]
     names = []
     for name, child in module.named_modules():
@@ -162,6 +178,17 @@ def find_targets(module: nn.Module, config: AdapterConfig) -> list[str]:
             continue
         if any(name_matches(name, p) for p in patterns):
             names.append(name)
+    if require_match:
+        if not names:
+            raise AdapterError(
+                f"targets: {targets!r} matched no nn.Linear in {type(module).__name__} "
+                "(patterns match whole dotted names or their dotted suffixes, e.g. 'to_q' or 'attn1.to_out.0')"
+            )
+        if not isinstance(targets, str) or targets not in PRESETS:
+            all_linear = [n for n, c in module.named_modules() if isinstance(c, nn.Linear)]
+            for p in patterns:
+                if not any(name_matches(n, p) for n in all_linear):
+                    raise AdapterError(f"targets: pattern {p!r} matched no nn.Linear in {type(module).__name__}")
     return names
 
 
@@ -195,24 +222,12 @@ def make_adapter(base: nn.Linear, config: AdapterConfig, name: str = "", shared:
 def add_adapters(module: nn.Module, config: AdapterConfig, *, require_match: bool = True) -> list[str]:
     """Wrap the target ``nn.Linear`` layers of ``module`` in place; return their names.
 
-    Every explicit pattern must match at least one layer (a typo is an error, not a no-op). Presets
-    may match nothing in one component (``attn``'s CLIP names in a UNet) but must match something.
-    Base weights are frozen; only the adapter parameters require grad.
+    The layers are ``select_targets(module, config.targets)``: every explicit pattern must match at least one
+    layer (a typo is an error, not a no-op). Base weights are frozen; only the adapter parameters require grad.
     """
     if any(True for _ in adapter_modules(module)):
         raise AdapterError("this module already has adapters; remove or merge them first")
-    names = find_targets(module, config)
-    if require_match:
-        if not names:
-            raise AdapterError(
-                f"targets: {config.targets!r} matched no nn.Linear in {type(module).__name__} "
-                "(patterns match whole dotted names or their dotted suffixes, e.g. 'to_q' or 'attn1.to_out.0')"
-            )
-        if not isinstance(config.targets, str) or config.targets not in PRESETS:
-            all_linear = [n for n, c in module.named_modules() if isinstance(c, nn.Linear)]
-            for p in config.patterns:
-                if not any(name_matches(n, p) for n in all_linear):
-                    raise AdapterError(f"targets: pattern {p!r} matched no nn.Linear in {type(module).__name__}")
+    names = select_targets(module, config.targets, require_match=require_match)
     # Check every layer before changing anything: a failure leaves the module untouched.
     for name in names:
         if config.method_for(name) != "magnitude":
@@ -370,6 +385,8 @@ __all__ = [
     "adapter_state_dict",
     "check_state_dict",
     "find_targets",
+    "select_targets",
+    "target_patterns",
     "load_adapter_state_dict",
     "merge_adapters",
     "name_matches",
