@@ -6,11 +6,16 @@ from pathlib import Path
 
 from . import runs
 from .config import TrainConfig
+from .full import FULL
 
 
 def model_card(
     config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path
 ) -> str:
+    if config.method == FULL:
+        return full_model_card(
+            config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=output
+        )
     base = config.model or "tiny-sdxl (the embedded test model of dora-diffusion)"
     method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only", "dvora": "DVoRA (DoRA + VeRA)"}.get(
         config.method, config.method
@@ -83,6 +88,79 @@ diffusers, ComfyUI and LyCORIS load these files exactly in dora-diffusion's test
 code. Forge applies DoRA with ComfyUI's formula (read from its code, not run). A1111 is not run either: by its
 code its DoRA normalises per input column only, so no output-axis DoRA file is exact there, and a merged checkpoint
 has no adapter to misread. The ComfyUI/Forge file is exact on the base weights it was computed from (this run's).
+
+`{runs.CONFIG_NAME}` holds every option of this run.
+"""
+
+
+def full_model_card(
+    config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path
+) -> str:
+    """The card of a full fine-tuning run (``--method full``): tuned component folders, no adapter."""
+    base = config.model or "tiny-sdxl (the embedded test model of dora-diffusion)"
+    shown = images[-config.num_validation_images :] if images else []
+    gallery = "\n".join(f"![validation]({p.relative_to(output).as_posix()})" for p in shown)
+    hub_base = config.model if config.model and not Path(config.model).exists() else None
+    yaml_base = f"base_model: {hub_base}\n" if hub_base else ""
+    load_from = config.model or "PATH/TO/BASE/MODEL"
+    unet = runs.tuned_component_dir(output, "unet").relative_to(output).as_posix()
+    te_lines = ""
+    te_args = ""
+    if config.train_text_encoder:
+        te_lines = (
+            "from transformers import CLIPTextModel, CLIPTextModelWithProjection\n"
+            f'te1 = CLIPTextModel.from_pretrained("{output.name}/text_encoder")\n'
+            f'te2 = CLIPTextModelWithProjection.from_pretrained("{output.name}/text_encoder_2")\n'
+        )
+        te_args = ", text_encoder=te1, text_encoder_2=te2"
+    return f"""---
+{yaml_base}library_name: diffusers
+license: other
+tags:
+- text-to-image
+- stable-diffusion-xl
+- diffusers
+- full-fine-tuning
+- dora-diffusion
+instance_prompt: {config.prompt!r}
+---
+
+# Fine-tuned SDXL layers: `{config.prompt}`
+
+Trained with [dora-diffusion](https://pypi.org/project/dora-diffusion/) on {base}: full fine-tuning of the
+targeted layers (`--method full`, the DoRA paper's FT baseline), with no adapter. The tuned UNet is the diffusers
+folder `{unet}`{" (and the text encoders `text_encoder/`, `text_encoder_2/`)" if config.train_text_encoder else ""};
+every weight outside the targeted layers is the base model's.
+
+| | |
+|---|---|
+| method | full fine-tuning (`{FULL}`) |
+| targets | `{config.targets}`{" + both text encoders" if config.train_text_encoder else ""} |
+| trainable parameters | {trainable_parameters:,} |
+| steps / batch / lr | {config.max_steps} / {config.batch_size}×{config.gradient_accumulation} / {config.learning_rate:g} ({config.lr_schedule}) |
+| resolution | {resolution} |
+| prior preservation | {repr(config.class_prompt) if config.class_prompt else "off"} |
+| seed | {config.seed} |
+
+Instance prompt: `{config.prompt}`. Validation prompt: `{config.validation_prompt or config.prompt}`.
+
+{gallery}
+
+## Use it with diffusers
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+{te_lines}
+unet = UNet2DConditionModel.from_pretrained("{output.name}/unet")
+pipe = StableDiffusionXLPipeline.from_pretrained("{load_from}", unet=unet{te_args}).to("cuda")
+image = pipe("{config.validation_prompt or config.prompt}", num_inference_steps=30).images[0]
+```
+
+A whole pipeline folder, or one `.safetensors` in the original SDXL layout (ComfyUI, A1111):
+`dora-diffusion export --adapter {output.name} --format merged-folder --out {output.name}_pipeline` (or
+`--format merged-single --out {output.name}_sdxl.safetensors`). There is no LoRA file to export: the change is
+not low-rank. The weight-decomposition analysis reads the UNet folder: `dora-diffusion analyze {output.name}/unet`.
 
 `{runs.CONFIG_NAME}` holds every option of this run.
 """

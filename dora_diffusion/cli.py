@@ -48,8 +48,13 @@ def _train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     _threads(args, config.model)
     result = train(config)
+    learned = (
+        f"adapter: {result.adapter_file}"
+        if result.adapter_file
+        else "tuned: " + ", ".join(str(p) for p in result.tuned_components)
+    )
     print(
-        f"\nadapter: {result.adapter_file}\nfinal loss {result.final_loss:.4f}, "
+        f"\n{learned}\nfinal loss {result.final_loss:.4f}, "
         f"median step {result.median_step_seconds * 1000:.0f} ms, {result.trainable_parameters:,} trainable parameters"
     )
     return 0
@@ -305,9 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
         "kohya (lora_unet_/lora_te1_/lora_te2_ keys, SGM names, dora_scale [out, 1]: LyCORIS, sd-scripts), "
         "comfyui (the kohya keys, dora_scale rescaled for ComfyUI's and Forge's DoRA formula, from the base model), "
         "merged-folder (a diffusers pipeline folder with the adapter baked in), "
-        "merged-single (one .safetensors in the original SDXL layout: from_single_file, ComfyUI, A1111).",
+        "merged-single (one .safetensors in the original SDXL layout: from_single_file, ComfyUI, A1111). "
+        "A full fine-tuning run (--method full) has no adapter: merged-folder and merged-single only.",
     )
-    p.add_argument("--adapter", required=True, help="run folder or adapter .safetensors file")
+    p.add_argument(
+        "--adapter", required=True, help="run folder, one of its checkpoint folders, or adapter .safetensors file"
+    )
     p.add_argument(
         "--format", required=True, choices=("diffusers", "kohya", "comfyui", "merged-folder", "merged-single")
     )

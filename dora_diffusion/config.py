@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args
 
-from .inject import METHODS, PRESETS, AdapterConfig
+from .full import FULL
+from .inject import METHODS, PRESETS, AdapterConfig, target_patterns
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -23,6 +24,7 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TRAIN_METHODS = (*METHODS, FULL)  # the adapters, and full fine-tuning of the targeted layers
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -76,29 +78,32 @@ class TrainConfig:
     method: str = _opt(
         "dora",
         "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) "
-        "or 'dvora' (magnitude + VeRA direction).",
-        choices=METHODS,
+        "or 'dvora' (magnitude + VeRA direction); or 'full': no adapter, the targeted layers themselves are "
+        "trained (full fine-tuning, the DoRA paper's FT baseline; writes <output>/unet).",
+        choices=TRAIN_METHODS,
         group="adapter",
     )
-    rank: int = _opt(8, "Rank of the low-rank update.", group="adapter")
+    rank: int = _opt(8, "Rank of the low-rank update (not used by full).", group="adapter")
     alpha: float | None = _opt(
-        None, "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank.", group="adapter"
+        None,
+        "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank. Not used by full.",
+        group="adapter",
     )
     targets: str = _opt(
         "attn",
-        f"Layers to adapt: a preset ({', '.join(PRESETS)}) or comma-separated whole module names.",
+        f"Layers to adapt (full: to train): a preset ({', '.join(PRESETS)}) or comma-separated whole module names.",
         group="adapter",
     )
     policy: str | None = _opt(
         None,
         "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, "
-        "magnitude only on feed-forward). Groups: attn, ff, or whole module names.",
+        "magnitude only on feed-forward). Groups: attn, ff, or whole module names. Not with full.",
         group="adapter",
     )
-    dropout: float = _opt(0.0, "Dropout on the adapter input.", group="adapter")
+    dropout: float = _opt(0.0, "Dropout on the adapter input (not with full).", group="adapter")
     norm_grad: str = _opt(
         "detach",
-        "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient.",
+        "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient (not with full).",
         choices=("detach", "exact"),
         group="adapter",
     )
@@ -108,7 +113,11 @@ class TrainConfig:
         "--no-memory-saving keeps them.",
         group="adapter",
     )
-    train_text_encoder: bool = _opt(False, "Also put adapters on both text encoders and train them.", group="adapter")
+    train_text_encoder: bool = _opt(
+        False,
+        "Also put adapters on both text encoders (full: tune their targeted layers) and train them.",
+        group="adapter",
+    )
     # --- prior preservation
     class_prompt: str | None = _opt(
         None, "Class prompt, e.g. 'a photo of a toy'; turns on prior preservation.", group="prior preservation"
@@ -125,9 +134,13 @@ class TrainConfig:
     max_steps: int = _opt(500, "Optimizer steps to train.", group="optimisation")
     batch_size: int = _opt(1, "Examples per device per micro-batch.", group="optimisation")
     gradient_accumulation: int = _opt(1, "Micro-batches per optimizer step.", group="optimisation")
-    learning_rate: float = _opt(1e-4, "Learning rate of the UNet adapters.", group="optimisation")
+    learning_rate: float = _opt(
+        1e-4, "Learning rate of the UNet adapters (full: of its tuned layers).", group="optimisation"
+    )
     text_encoder_lr: float | None = _opt(
-        None, "Learning rate of the text-encoder adapters. Default: --learning-rate.", group="optimisation"
+        None,
+        "Learning rate of the text-encoder adapters (full: tuned layers). Default: --learning-rate.",
+        group="optimisation",
     )
     lr_schedule: str = _opt("constant", "Learning-rate schedule.", choices=LR_SCHEDULES, group="optimisation")
     lr_warmup_steps: int = _opt(0, "Linear warm-up steps.", group="optimisation")
@@ -186,8 +199,8 @@ class TrainConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}: {why}")
 
-        if self.method not in METHODS:
-            raise bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method not in TRAIN_METHODS:
+            raise bad("method", f"must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
         for name in (
@@ -221,9 +234,32 @@ class TrainConfig:
             raise bad("lr_schedule", f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise bad("snr_gamma", f"must be positive, got {self.snr_gamma}")
-        self.adapter_config()  # validates rank, alpha, dropout, targets
+        if self.method == FULL:
+            self._check_full()
+        else:
+            self.adapter_config()  # validates rank, alpha, dropout, targets
+
+    def _check_full(self) -> None:
+        """Full fine-tuning has no adapter: refuse the adapter options that would change nothing."""
+        if not target_patterns(self.targets):
+            raise ConfigError("targets: empty")
+        for name, given in (
+            ("policy", bool(self.policy)),
+            ("dropout", self.dropout != 0.0),
+            ("norm_grad", self.norm_grad != "detach"),
+        ):
+            if given:
+                raise ConfigError(
+                    f"{name}: an adapter option; method 'full' trains the targeted layers themselves "
+                    f"and has no adapter (got {name} = {getattr(self, name)!r})"
+                )
 
     def adapter_config(self) -> AdapterConfig:
+        if self.method == FULL:
+            raise ConfigError(
+                "method: 'full' trains the targeted layers themselves and has no adapter; "
+                "its run writes the tuned UNet as a diffusers folder (<output>/unet)"
+            )
         try:
             return AdapterConfig(
                 method=self.method,

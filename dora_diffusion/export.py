@@ -23,6 +23,7 @@ from .formats.comfyui import save_comfyui
 from .formats.diffusers import INPUT_AXIS_REFUSAL, save_adapter
 from .formats.kohya import save_kohya
 from .formats.load import load_adapter, resolve_adapter_file
+from .full import FULL, MERGED_FORMATS, FullTuningError, load_full_run
 from .inject import as_dora, merge_adapters
 from .layers import adapter_modules
 
@@ -101,7 +102,8 @@ def export_adapter(
     dtype: str = "float32",
     overwrite: bool = False,
 ) -> Path:
-    """Export the adapter of a run folder or file to ``out`` in ``format`` (see ``FORMATS``).
+    """Export the adapter of a run folder or file to ``out`` in ``format`` (see ``FORMATS``). A full
+    fine-tuning run (or one of its checkpoints) has no adapter: it exports as a merged pipeline only.
 
     ``model``: the base model (default: the one the run was trained on). ``dtype``: of merged exports.
     Nothing at ``out`` is replaced unless ``overwrite``; every write is atomic.
@@ -112,6 +114,12 @@ def export_adapter(
         raise AdapterFileError(f"format: must be one of {', '.join(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
         raise AdapterFileError(f"dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    full = runs.recorded_method(adapter) == FULL  # no adapter: its tuned components, merged formats only
+    if full and format not in MERGED_FORMATS:
+        raise FullTuningError(
+            f"{adapter}: a full fine-tuning run (method {FULL!r}) has no adapter to write as {format}; "
+            f"export it as {' or '.join(MERGED_FORMATS)} (the base pipeline with its tuned components)"
+        )
     out = Path(out)
     if format == "merged-single" and out.suffix != ".safetensors":
         out = out / "model.safetensors"
@@ -120,6 +128,9 @@ def export_adapter(
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite and format != "diffusers":
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     model = model if model is not None else runs.base_model(adapter)
+    if full:
+        pipe = load_pipeline(model)
+        return _write_merged(pipe, format, out, dtype, adapter, load_full_run(pipe, adapter))
     pipe = load_pipeline(model)
     report = load_adapter(pipe, adapter)
     if format == "diffusers" and any(
@@ -138,13 +149,18 @@ def export_adapter(
     # merged: bake the adapters in, then write the base model's layout
     for module in components_of(pipe).values():
         merge_adapters(module)
+    return _write_merged(pipe, format, out, dtype, adapter, report.layers)
+
+
+def _write_merged(pipe, format: str, out: Path, dtype: str, adapter, layers: dict[str, int]) -> Path:
+    """A merged pipeline (adapters baked in, or a full run's tuned components) as ``format`` at ``out``."""
     pipe.to(dtype=DTYPES[dtype])
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "merged-single":
         from .formats.original import save_original_sdxl
 
         return save_original_sdxl(
-            pipe, out, metadata={METADATA_KEY: json.dumps({"merged_from": str(adapter), "layers": report.layers})}
+            pipe, out, metadata={METADATA_KEY: json.dumps({"merged_from": str(adapter), "layers": layers})}
         )
     tmp = _atomic_folder(out)
     try:

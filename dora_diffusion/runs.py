@@ -12,6 +12,9 @@ go through the names and functions here, so a file name or a marker is spelled o
       validation/step000100_seed0.png    validation images: step (6 digits) and seed
       checkpoints/checkpoint-<step>/     state.json (step, options), adapter.safetensors (our keys),
                                          optimizer.pt, scheduler.pt, rng-<rank>.pt
+      unet/, text_encoder/, text_encoder_2/   full fine-tuning (``--method full``), instead of the adapter
+                                         files: the tuned components as diffusers folders; its checkpoints
+                                         hold weights.safetensors (the tuned layers) for adapter.safetensors
       logs/                              tensorboard
       ranks.json                         several processes: every rank's adapter checksum
       .train.lock                        held while a run writes here
@@ -50,6 +53,7 @@ CLASS_IMAGES_DIR = "class_images"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "state.json"
 CHECKPOINT_ADAPTER_NAME = "adapter.safetensors"  # keys ``<component>.<module>.<param>``, no metadata
+CHECKPOINT_WEIGHTS_NAME = "weights.safetensors"  # full fine-tuning: ``<component>.<layer>.<weight|bias>``
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 
@@ -137,6 +141,23 @@ def adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     info = our_entry(meta, str(file), strict=False)
     return info if isinstance(info, dict) else {}
+
+
+def tuned_component_dir(run: str | os.PathLike, component: str) -> Path:
+    """Where a full fine-tuning run writes a tuned component (``unet``, ``text_encoder``...): a diffusers folder."""
+    return Path(run) / component
+
+
+def recorded_method(path: str | os.PathLike) -> str | None:
+    """The method a run folder or one of its checkpoints was trained with (``None`` for anything else, an
+    adapter file among them)."""
+    p = Path(path)
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if is_checkpoint(p):
+            return read_checkpoint_state(p).get("config", {}).get("method")
+        if p.is_dir() and (config := read_run_config(p)) is not None:
+            return config.get("method")
+    return None
 
 
 # --------------------------------------------------------------------------------------------

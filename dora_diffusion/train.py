@@ -1,4 +1,5 @@
-"""The DreamBooth loop: LoRA, DoRA or magnitude-only adapters on SDXL, with accelerate underneath.
+"""The DreamBooth loop: LoRA, DoRA or magnitude-only adapters on SDXL, or full fine-tuning of the layers they
+would adapt (``full``), with accelerate underneath.
 
 ``train(config)`` reads top to bottom: set up, load, adapt, cache, then one optimizer step per loop
 iteration, with validation images and checkpoints on the way, and the adapter, the resolved config
@@ -30,6 +31,15 @@ import torch
 from . import runs
 from .config import ConfigError, TrainConfig
 from .data import SubjectDataset, collate_examples, scan_subject_folder
+from .full import (
+    FULL,
+    load_tuned_state_dict,
+    save_tuned_components,
+    tune_layers,
+    tuned_parameters,
+    tuned_state_dict,
+    tuned_summary,
+)
 from .inject import adapter_parameters, adapter_state_dict, adapter_summary, add_adapters, load_adapter_state_dict
 from .losses import diffusion_loss, loss_weights, training_target
 
@@ -195,9 +205,9 @@ def save_checkpoint(
         tensors = {
             f"{c}.{k}": v.contiguous()
             for c, m in modules.items()
-            for k, v in adapter_state_dict(accelerator.unwrap_model(m)).items()
+            for k, v in trainable_state_dict(accelerator.unwrap_model(m), config.method).items()
         }
-        save_file(tensors, str(tmp / runs.CHECKPOINT_ADAPTER_NAME))
+        save_file(tensors, str(tmp / checkpoint_weights_name(config.method)))
         torch.save(optimizer.state_dict(), tmp / runs.OPTIMIZER_NAME)
         torch.save(lr_scheduler.state_dict(), tmp / runs.SCHEDULER_NAME)
         runs.write_checkpoint_state(tmp, step, config.to_dict())  # last: a folder with it is complete
@@ -224,11 +234,12 @@ def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_schedu
             raise ConfigError(
                 f"resume: {key} is {getattr(config, key)!r} but checkpoint {path} was trained with {saved.get(key)!r}"
             )
-    adapter = path / runs.CHECKPOINT_ADAPTER_NAME
+    adapter = path / checkpoint_weights_name(config.method)
     tensors = load_file(str(adapter))
+    load = load_tuned_state_dict if config.method == FULL else load_adapter_state_dict
     for comp, module in modules.items():
         sub = {k[len(comp) + 1 :]: v for k, v in tensors.items() if k.startswith(comp + ".")}
-        load_adapter_state_dict(accelerator.unwrap_model(module), sub, source=f"{adapter} ({comp})")
+        load(accelerator.unwrap_model(module), sub, source=f"{adapter} ({comp})")
     # Our own files, loaded without unpickling code (weights_only).
     optimizer.load_state_dict(torch.load(path / runs.OPTIMIZER_NAME, weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / runs.SCHEDULER_NAME, weights_only=True))
@@ -246,20 +257,30 @@ def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_schedu
 @dataclass
 class TrainResult:
     output: Path
-    adapter_file: Path
+    adapter_file: Path | None  # the adapter (a checkpoint folder when stopped); None for full fine-tuning
     steps: int
     final_loss: float
     median_step_seconds: float
     trainable_parameters: int
     validation_images: list[Path] = field(default_factory=list)
     stopped: bool = False
+    tuned_components: list[Path] = field(default_factory=list)  # full fine-tuning: <run>/unet, ...
 
 
-def adapter_checksum(modules: dict) -> float:
-    """A float that differs when any adapter weight differs (replicas under DDP must agree)."""
+def trainable_state_dict(module: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """What a run trains in ``module``: its adapters' parameters, or (``full``) its tuned layers' weights."""
+    return tuned_state_dict(module) if method == FULL else adapter_state_dict(module)
+
+
+def checkpoint_weights_name(method: str) -> str:
+    return runs.CHECKPOINT_WEIGHTS_NAME if method == FULL else runs.CHECKPOINT_ADAPTER_NAME
+
+
+def adapter_checksum(modules: dict, method: str = "") -> float:
+    """A float that differs when any trained weight differs (replicas under DDP must agree)."""
     total = 0.0
     for _, m in sorted(modules.items()):
-        for i, (_, v) in enumerate(sorted(adapter_state_dict(m).items())):
+        for i, (_, v) in enumerate(sorted(trainable_state_dict(m, method).items())):
             total += float((v.double().flatten() * torch.linspace(1, 2, v.numel(), dtype=torch.float64)).sum()) * (
                 i + 1
             )
@@ -382,22 +403,26 @@ def _train(
     text_encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
     for m in (unet, vae, *text_encoders):
         m.requires_grad_(False)
-    for m in (unet, *text_encoders):
-        m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
-    vae.to(device)  # loaded in fp32 and kept there: SDXL's VAE overflows in fp16
-    adapter_cfg = config.adapter_config()
     modules: dict[str, torch.nn.Module] = {"unet": unet}
-    add_adapters(unet, adapter_cfg)
     if config.train_text_encoder:
-        for name, te in zip(("text_encoder", "text_encoder_2"), text_encoders, strict=True):
-            add_adapters(te, adapter_cfg)
-            modules[name] = te
+        modules.update(zip(("text_encoder", "text_encoder_2"), text_encoders, strict=True))
+    for m in (unet, *text_encoders):
+        if config.method == FULL and any(m is t for t in modules.values()):
+            tune_layers(m, config.targets, device=device, dtype=weight_dtype)  # its targeted layers train, in fp32
+        else:
+            m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
+    vae.to(device)  # loaded in fp32 and kept there: SDXL's VAE overflows in fp16
+    if config.method != FULL:
+        adapter_cfg = config.adapter_config()
+        for m in modules.values():
+            add_adapters(m, adapter_cfg)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
-    n_trainable = sum(adapter_summary(m)["trainable_parameters"] for m in modules.values())
+    summary_of = tuned_summary if config.method == FULL else adapter_summary
+    n_trainable = sum(summary_of(m)["trainable_parameters"] for m in modules.values())
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # ---- caches: text embeddings when the encoders are frozen, VAE latents when asked
@@ -437,9 +462,10 @@ def _train(
         return encode_images(batch["pixel_values"], gen), batch["prompts"], batch["add_time_ids"].to(device)
 
     # ---- optimizer and schedule (stepped once per optimizer step; not handed to accelerate)
-    groups = [{"params": adapter_parameters(unet), "lr": config.learning_rate}]
+    parameters_of = tuned_parameters if config.method == FULL else adapter_parameters
+    groups = [{"params": parameters_of(unet), "lr": config.learning_rate}]
     if config.train_text_encoder:
-        te_params = [p for te in text_encoders for p in adapter_parameters(te)]
+        te_params = [p for te in text_encoders for p in parameters_of(te)]
         groups.append({"params": te_params, "lr": config.text_encoder_lr or config.learning_rate})
     optimizer_cls = torch.optim.AdamW
     if config.use_8bit_adam:
@@ -482,10 +508,15 @@ def _train(
             {**config.to_dict(), "resolution": resolution, "trainable_parameters": n_trainable, "num_processes": world},
         )
         print(
-            f"training {config.method} (rank {config.rank}, targets {config.targets!r}) on {len(dataset)} images: "
+            f"training {config.method} ({'' if config.method == FULL else f'rank {config.rank}, '}"
+            f"targets {config.targets!r}) on {len(dataset)} images: "
             f"{n_trainable:,} trainable parameters, {config.max_steps} steps"
         )
         for comp, m in modules.items():
+            if config.method == FULL:
+                counts = tuned_summary(accelerator.unwrap_model(m))
+                print(f"  {comp}: full on {counts['layers']} layers, {counts['trainable_parameters']:,} parameters")
+                continue
             for method, counts in adapter_summary(accelerator.unwrap_model(m))["per_method"].items():
                 print(f"  {comp}: {method} on {counts['layers']} layers, {counts['trainable_parameters']:,} parameters")
 
@@ -605,7 +636,7 @@ def _train(
     if world > 1:
         sums = accelerator.gather(
             torch.tensor(
-                [adapter_checksum({c: accelerator.unwrap_model(m) for c, m in modules.items()})],
+                [adapter_checksum({c: accelerator.unwrap_model(m) for c, m in modules.items()}, config.method)],
                 dtype=torch.float64,
                 device=device,
             )
@@ -627,20 +658,34 @@ def _train(
     validation_images += images
     if progress is not None and accelerator.is_main_process:
         progress(StepReport(config.max_steps, loss_value, None, tuple(images)))
-    adapter_file = runs.adapter_file(output)
+    full = config.method == FULL  # no adapter: the tuned components as diffusers folders
+    adapter_file = None if full else runs.adapter_file(output)
+    tuned_components = [runs.tuned_component_dir(output, c) for c in modules] if full else []
     if accelerator.is_main_process:
         unwrapped = {c: accelerator.unwrap_model(m) for c, m in modules.items()}
-        run_metadata = runs.run_metadata(config, resolution)
-        adapter_file = save_adapter(unwrapped, adapter_file, overwrite=True, metadata=run_metadata)
-        # the file for ComfyUI and Forge: its dora_scale depends on the base weights (formats/comfyui.py)
-        save_comfyui(unwrapped, runs.comfyui_file(output), overwrite=True, metadata=run_metadata)
+        if full:
+            save_tuned_components(unwrapped, model_dir, output)
+        else:
+            run_metadata = runs.run_metadata(config, resolution)
+            adapter_file = save_adapter(unwrapped, adapter_file, overwrite=True, metadata=run_metadata)
+            # the file for ComfyUI and Forge: its dora_scale depends on the base weights (formats/comfyui.py)
+            save_comfyui(unwrapped, runs.comfyui_file(output), overwrite=True, metadata=run_metadata)
         write_model_card(
             output, config, resolution=resolution, trainable_parameters=n_trainable, images=validation_images
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     median = statistics.median(step_times[1:] or step_times) if step_times else float("nan")
-    return TrainResult(output, adapter_file, config.max_steps, loss_value, median, n_trainable, validation_images)
+    return TrainResult(
+        output,
+        adapter_file,
+        config.max_steps,
+        loss_value,
+        median,
+        n_trainable,
+        validation_images,
+        tuned_components=tuned_components,
+    )
 
 
 def generate_class_images(
