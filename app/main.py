@@ -23,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr
 from PIL import Image
 
-from dora_diffusion.engine import EXPORT_DTYPES, USER_ERRORS, Engine, TrainProgress, TrainRequest, user_message
+from dora_diffusion.engine import EXPORT_DTYPES, Engine, TrainProgress, TrainRequest, is_user_error, user_message
 
 log = logging.getLogger("dora_diffusion.app")
 
@@ -79,7 +79,7 @@ def shown(fn):
         except gr.Error:
             raise
         except Exception as e:
-            if not isinstance(e, USER_ERRORS):
+            if not is_user_error(e):  # an internal error: its traceback goes to the server log
                 log.exception("%s failed", fn.__name__)
             raise gr.Error(html.escape(user_message(e), quote=False), print_exception=False) from None
 
@@ -289,20 +289,25 @@ def build_app(engine: Engine) -> gr.Blocks:
                             value="both",
                             label="Method",
                         )
-                        rank = gr.Slider(1, L.max_rank, 8, step=1, label="Rank")
+                        rank = gr.Slider(1, L.max_rank, TrainRequest.rank, step=1, label="Rank")
                         with gr.Row():
                             train_steps = gr.Number(
-                                500,
+                                TrainRequest.steps,
                                 label="Steps",
                                 precision=0,
                                 minimum=1,
                                 maximum=L.max_train_steps,
                                 elem_id="train-steps",
                             )
-                            lr = gr.Number(1e-4, label="Learning rate", minimum=0, maximum=L.max_learning_rate)
+                            lr = gr.Number(
+                                TrainRequest.learning_rate,
+                                label="Learning rate",
+                                minimum=0,
+                                maximum=L.max_learning_rate,
+                            )
                         with gr.Accordion("More options", open=False):
                             with gr.Row():
-                                train_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                                train_seed = gr.Number(TrainRequest.seed, label="Seed", precision=0, minimum=0)
                                 resolution = gr.Slider(
                                     L.min_size, L.max_size, size, step=L.size_multiple, label="Resolution"
                                 )
@@ -310,7 +315,9 @@ def build_app(engine: Engine) -> gr.Blocks:
                                 val_every = gr.Number(
                                     0, label="Validation every N steps (0: 4 times)", precision=0, minimum=0
                                 )
-                                batch = gr.Slider(1, L.max_batch_size, 1, step=1, label="Batch size")
+                                batch = gr.Slider(
+                                    1, L.max_batch_size, TrainRequest.batch_size, step=1, label="Batch size"
+                                )
                         with gr.Row():
                             start = gr.Button("Start training", variant="primary", elem_id="start")
                             cancel = gr.Button("Cancel", variant="stop", interactive=False, elem_id="cancel")

@@ -182,3 +182,29 @@ def test_small_compare_images_are_enlarged_by_css_only():
     main = load_app_module()
     rule = next(line for line in main.CSS.splitlines() if "#compare-base img" in line)
     assert "#compare-dora img" in rule and "width: 100%" in rule
+
+
+def test_internal_errors_are_logged_and_shown_as_internal(caplog):
+    """A user's mistake comes back as its own message and is not logged; anything else (a ValueError from deep
+    inside, say) is logged with its traceback and shown as an internal error, never as the user's mistake."""
+    import gradio as gr
+
+    from dora_diffusion.engine import EngineError
+
+    module = load_app_module()
+
+    def raises(error):
+        @module.shown
+        def action():
+            raise error
+
+        return action
+
+    with caplog.at_level("ERROR", logger="dora_diffusion.app"):
+        with pytest.raises(gr.Error, match="rank: must be in 1..128"):
+            raises(EngineError("rank: must be in 1..128"))()
+        assert not caplog.records
+        with pytest.raises(gr.Error) as shown_error:
+            raises(ValueError("too many values to unpack"))()
+    assert "Internal error (ValueError: too many values to unpack)" in shown_error.value.message
+    assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None

@@ -282,3 +282,90 @@ def test_analysis_of_runs_in_the_workspace(engine, workspace):
         engine.analyze(["../elsewhere"])
     with pytest.raises(EngineError, match="at least one"):
         engine.analyze([])
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: only our own types are the user's; an internal error is logged with its traceback
+# --------------------------------------------------------------------------------------------
+
+
+def test_only_our_error_types_are_user_errors():
+    from dora_diffusion.analysis import AnalysisError
+    from dora_diffusion.config import ConfigError
+    from dora_diffusion.engine import is_user_error, user_message
+    from dora_diffusion.formats import AdapterFileError
+    from dora_diffusion.models import ModelNotFoundError
+
+    for error in (
+        EngineError("rank: must be in 1..128"),
+        EngineBusy("busy"),
+        ConfigError("max_steps: bad"),
+        DataError("No usable images"),
+        AdapterFileError("x.safetensors: broken"),
+        AnalysisError("run: nothing"),
+        ModelNotFoundError("Model 'x' is not in the cache"),
+    ):
+        assert is_user_error(error) and user_message(error) == str(error), error
+    for error in (ValueError("math domain error"), KeyError("unet"), FileExistsError("x"), RuntimeError("boom")):
+        assert not is_user_error(error), error
+        message = user_message(error)
+        assert message.startswith(f"Internal error ({type(error).__name__}") and "server log" in message
+
+
+def _job(tmp_path, fake_train, monkeypatch, steps=4):
+    """A TrainingJob over ``fake_train`` in place of the loop (nothing is trained)."""
+    import dora_diffusion.train
+    from dora_diffusion.config import TrainConfig
+    from dora_diffusion.engine import TrainingJob
+
+    monkeypatch.setattr(dora_diffusion.train, "train", fake_train)
+    configs = [
+        TrainConfig(data=str(SAMPLE), prompt="a photo of sks toy", output=str(tmp_path / m), method=m, max_steps=steps)
+        for m in ("lora", "dora")
+    ]
+    released = []
+    job = TrainingJob(configs, release=lambda: released.append(True)).start()
+    assert job.wait(60) and released == [True]
+    return job
+
+
+@pytest.mark.parametrize(
+    "error, internal",
+    [(ValueError("an internal slip"), True), (KeyError("unet"), True), (DataError("No usable images in x"), False)],
+)
+def test_a_failed_training_job_reports_internal_errors_as_such(tmp_path, monkeypatch, caplog, error, internal):
+    def fake_train(config, should_stop=None, progress=None):
+        raise error
+
+    with caplog.at_level("WARNING", logger="dora_diffusion.engine"):
+        job = _job(tmp_path, fake_train, monkeypatch)
+    p = job.progress()
+    assert p.state == "failed"
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    if internal:
+        assert p.message.startswith(f"Training failed: Internal error ({type(error).__name__}")
+        assert len(logged) == 1 and "Traceback" in logged[0].getMessage()
+    else:
+        assert p.message == f"Training failed: {error}" and not logged
+
+
+def test_training_progress_comes_from_the_trainers_reports(tmp_path, monkeypatch):
+    """Steps, losses, speed and validation images as the trainer reports them: no run file is read."""
+    from dora_diffusion import runs
+    from dora_diffusion.train import StepReport, TrainResult
+
+    def fake_train(config, should_stop=None, progress=None):
+        out = Path(config.output)
+        for step in range(1, config.max_steps + 1):
+            images = (runs.validation_image_path(out, step, 0),) if step == 2 else ()
+            progress(StepReport(step, 1.0 / step, 0.5, images))
+        progress(StepReport(config.max_steps, 0.25, None, (runs.validation_image_path(out, config.max_steps, 0),)))
+        return TrainResult(out, runs.adapter_file(out), config.max_steps, 0.25, 0.5, 10)
+
+    job = _job(tmp_path, fake_train, monkeypatch)
+    p = job.progress()
+    assert p.state == "finished" and p.method == "dora" and (p.step, p.max_steps, p.loss) == (4, 4, 0.25)
+    assert [(m, s) for m, s, _ in p.losses] == [(m, s) for m in ("lora", "dora") for s in (1, 2, 3, 4)]
+    assert p.its == 2.0 and p.eta_seconds == 0.0
+    assert [c for _, c in p.validation] == [f"{m} · step {s} · seed 0" for m in ("lora", "dora") for s in (2, 4)]
+    assert not any(tmp_path.rglob("*"))  # read from the reports, not from files

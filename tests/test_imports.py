@@ -6,9 +6,9 @@ import ast
 from helpers import REPO
 
 PACKAGE = "dora_diffusion"
-# What may import the training loop: the shells that start runs (the CLI, the app's engine, the demo, and
-# compare and sweep, which train the runs they compare), and train itself.
-TRAIN_IMPORTERS = {f"{PACKAGE}.{m}" for m in ("cli", "engine", "demo", "compare", "sweep", "train")}
+# What may import the training loop: the shells that start runs (the CLI, the app's engine through its jobs,
+# the demo, and compare and sweep, which train the runs they compare), and train itself.
+TRAIN_IMPORTERS = {f"{PACKAGE}.{m}" for m in ("cli", "engine.jobs", "demo", "compare", "sweep", "train")}
 
 
 def _modules() -> dict[str, ast.Module]:
