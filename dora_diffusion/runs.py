@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -287,13 +288,23 @@ def checkpoint_step(checkpoint: str | os.PathLike) -> int:
     return int(read_checkpoint_state(checkpoint)["step"])
 
 
-def read_checkpoint_adapters(checkpoint: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """A checkpoint's adapter weights per component: ``{component: {"<module>.<param>": tensor}}`` (the
-    adapter state dicts ``inject.adapter_state_dict`` gives; the file's keys are ``<component>.<key>``).
-    A missing or malformed file: ``AdapterFileError`` naming it."""
+def write_checkpoint_tensors(file: str | os.PathLike, by_component: Mapping[str, Mapping[str, Any]]) -> Path:
+    """A checkpoint's trained weights (``adapter.safetensors``; ``weights.safetensors`` for full fine-tuning):
+    every component's state dict in one safetensors file, keyed ``<component>.<key>``."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{c}.{k}": v.contiguous() for c, state in by_component.items() for k, v in state.items()}
+    save_file(tensors, str(file))
+    return Path(file)
+
+
+def read_checkpoint_tensors(file: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """What ``write_checkpoint_tensors`` wrote, per component: ``{component: {key: tensor}}`` (the keys of
+    ``inject.adapter_state_dict``, ``<module>.<param>``, in an adapter checkpoint). A missing or malformed
+    file: ``AdapterFileError`` naming it."""
     from .formats import read_adapter_file
 
-    tensors, _, _ = read_adapter_file(Path(checkpoint) / CHECKPOINT_ADAPTER_NAME)
+    tensors, _, _ = read_adapter_file(file)
     found: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         component, _, rest = key.partition(".")

@@ -193,8 +193,6 @@ def save_checkpoint(
 ) -> Path:
     """Adapter weights, optimizer, schedule, RNG states and step, written to a temporary folder and
     renamed into place: a kill mid-write leaves the previous checkpoint intact."""
-    from safetensors.torch import save_file
-
     final, tmp = runs.checkpoint_dir(output, step), runs.checkpoint_staging_dir(output, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,12 +200,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), runs.rng_file(tmp, accelerator.process_index))
     if accelerator.is_main_process:
-        tensors = {
-            f"{c}.{k}": v.contiguous()
-            for c, m in modules.items()
-            for k, v in trainable_state_dict(accelerator.unwrap_model(m), config.method).items()
-        }
-        save_file(tensors, str(tmp / checkpoint_weights_name(config.method)))
+        trained = {c: trainable_state_dict(accelerator.unwrap_model(m), config.method) for c, m in modules.items()}
+        runs.write_checkpoint_tensors(tmp / checkpoint_weights_name(config.method), trained)
         torch.save(optimizer.state_dict(), tmp / runs.OPTIMIZER_NAME)
         torch.save(lr_scheduler.state_dict(), tmp / runs.SCHEDULER_NAME)
         runs.write_checkpoint_state(tmp, step, config.to_dict())  # last: a folder with it is complete
@@ -225,8 +219,6 @@ def save_checkpoint(
 
 def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_scheduler, config: TrainConfig) -> int:
     """Restore a checkpoint written by ``save_checkpoint``; returns its step."""
-    from safetensors.torch import load_file
-
     state = runs.read_checkpoint_state(path)
     saved = state["config"]
     for key in ("method", "rank", "alpha", "targets", "train_text_encoder", "model"):
@@ -235,11 +227,10 @@ def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_schedu
                 f"resume: {key} is {getattr(config, key)!r} but checkpoint {path} was trained with {saved.get(key)!r}"
             )
     adapter = path / checkpoint_weights_name(config.method)
-    tensors = load_file(str(adapter))
+    by_component = runs.read_checkpoint_tensors(adapter)
     load = load_tuned_state_dict if config.method == FULL else load_adapter_state_dict
     for comp, module in modules.items():
-        sub = {k[len(comp) + 1 :]: v for k, v in tensors.items() if k.startswith(comp + ".")}
-        load(accelerator.unwrap_model(module), sub, source=f"{adapter} ({comp})")
+        load(accelerator.unwrap_model(module), by_component.get(comp, {}), source=f"{adapter} ({comp})")
     # Our own files, loaded without unpickling code (weights_only).
     optimizer.load_state_dict(torch.load(path / runs.OPTIMIZER_NAME, weights_only=True))
     lr_scheduler.load_state_dict(torch.load(path / runs.SCHEDULER_NAME, weights_only=True))

@@ -193,13 +193,13 @@ def _linear(module: nn.Module, name: str, where: str) -> nn.Linear:
 
 @torch.no_grad()
 def _checkpoint_adapters(checkpoint: Path, run: RunSource, base: BaseModel) -> dict[tuple[str, str], AdapterLinear]:
-    """A training checkpoint's adapter state dicts (``runs.read_checkpoint_adapters``) as the adapters the
+    """A training checkpoint's adapter state dicts (``runs.read_checkpoint_tensors``) as the adapters the
     trainer built, around the base model's Linear layers (not installed: the base model is left as it is)."""
     file = checkpoint / runs.CHECKPOINT_ADAPTER_NAME
     config = run.adapter_config
     params = ADAPTER_PARAMS[config.method]
     found: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for comp, state in runs.read_checkpoint_adapters(checkpoint).items():
+    for comp, state in runs.read_checkpoint_tensors(file).items():
         for key, t in state.items():
             name, _, param = key.rpartition(".")
             if comp not in COMPONENTS or param not in params:
