@@ -183,8 +183,6 @@ def load_full_run(pipe: Any, path: str | os.PathLike) -> dict[str, int]:
     """Put what a full fine-tuning run learned into ``pipe`` (its base model's pipeline), in place: from a
     run folder its tuned component folders (``<run>/unet``...), from one of its checkpoints the tuned layers'
     weights written into the base components. Returns ``{component: tuned layers}``."""
-    from safetensors.torch import load_file
-
     from . import runs
     from .formats.base import COMPONENTS
 
@@ -194,14 +192,10 @@ def load_full_run(pipe: Any, path: str | os.PathLike) -> dict[str, int]:
         file = path / runs.CHECKPOINT_WEIGHTS_NAME
         if not file.is_file():
             raise FullTuningError(f"{path}: a full fine-tuning checkpoint without {runs.CHECKPOINT_WEIGHTS_NAME}")
-        tensors = load_file(str(file))
-        by_comp: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            comp, _, name = key.partition(".")
-            if comp not in COMPONENTS or getattr(pipe, comp, None) is None:
-                raise FullTuningError(f"{file}: unexpected key {key!r} (components: {', '.join(COMPONENTS)})")
-            by_comp.setdefault(comp, {})[name] = t
+        by_comp = runs.read_checkpoint_tensors(file)
         for comp, sub in by_comp.items():
+            if comp not in COMPONENTS or getattr(pipe, comp, None) is None:
+                raise FullTuningError(f"{file}: unexpected component {comp!r} (components: {', '.join(COMPONENTS)})")
             _write_in(getattr(pipe, comp), sub, str(file))
         comps = list(by_comp)
     else:

@@ -190,6 +190,11 @@ def test_export_writes_merged_only(full_run, tiny_model, tmp_path, capsys):
         assert torch.equal(v, w2.get(f"unet.{k}", base[k])), k
     single = export_adapter(out, "merged-single", tmp_path / "sdxl.safetensors")
     assert single.is_file()
+    # a run that did not finish has no tuned folders yet: the error points at its checkpoints
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out, unfinished, ignore=shutil.ignore_patterns("unet", "text_encoder*"))
+    with pytest.raises(FullTuningError, match="no tuned component folder.*did it finish.*checkpoint-3"):
+        export_adapter(unfinished, "merged-folder", tmp_path / "never")
 
 
 def test_adapter_options_are_refused_for_full(tiny_model, data, tmp_path):
