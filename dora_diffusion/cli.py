@@ -123,6 +123,7 @@ def _sweep(args: argparse.Namespace) -> int:
         dino=args.dino,
         clip=args.clip,
         threads=args.threads,
+        overwrite=args.overwrite,
     )
     summary = run_sweep(cfg)
     print((Path(args.output) / "sweep.md").read_text())
@@ -414,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clip", default=None, help="CLIP model for prompt fidelity, CLIP-T (local folder or cached hub id)"
     )
+    p.add_argument("--overwrite", action="store_true", help="retrain finished cells made with other settings")
     _add_threads(p)
     p.set_defaults(func=_sweep)
 

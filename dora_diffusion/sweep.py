@@ -64,6 +64,8 @@ class SweepConfig:
     threads: int | None = None
     train_overrides: dict[str, Any] = field(default_factory=dict)
     """Further ``TrainConfig`` fields, the same for every cell."""
+    overwrite: bool = False
+    """Retrain finished cells that were made with other settings (otherwise the sweep refuses)."""
 
     def __post_init__(self) -> None:
         for m in self.methods:
@@ -80,9 +82,20 @@ class SweepConfig:
             raise ConfigError("class_prompt: the sweep measures drift on the class prompt; give one")
 
     def cell_settings(self) -> dict[str, Any]:
-        """What every cell shares; a cell on disk made with other settings is retrained."""
-        skip = ("output", "methods", "ranks", "seeds", "threads")
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        """What every cell shares (the subject folder by its content, not its path): a finished cell on
+        disk is reused only when these match."""
+        skip = ("output", "methods", "ranks", "seeds", "threads", "overwrite")
+        settings = {k: v for k, v in asdict(self).items() if k not in skip}
+        settings["data"] = folder_digest(self.data)
+        return settings
+
+
+def folder_digest(folder: str | Path) -> str:
+    """SHA-256 over the names and bytes of a folder's files (not recursive): the same photos anywhere."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def cell_name(method: str, rank: int, seed: int) -> str:
@@ -152,8 +165,13 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict[str, Any]:
                 progress(f"[{i}/{len(grid)}] {name}: done before, read back")
                 cells.append(cell)
                 continue
+            if not cfg.overwrite:
+                raise ConfigError(
+                    f"output: {folder} is a finished cell made with other settings; use another --output, "
+                    "or --overwrite to retrain it"
+                )
         if folder.exists():
-            shutil.rmtree(folder)  # an unfinished cell, or one made with other settings: ours to replace
+            shutil.rmtree(folder)  # an unfinished cell (no cell.json), or --overwrite: ours to replace
         progress(f"[{i}/{len(grid)}] {name}: training {cfg.steps} steps")
         t = time.perf_counter()
         result = _train_cell(cfg, method, rank, seed, folder / "run", out / "class_images")
@@ -210,7 +228,7 @@ def run_sweep(cfg: SweepConfig, progress=print) -> dict[str, Any]:
     }
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_csv(rows, out / "sweep.csv")
-    (out / "sweep.md").write_text(markdown_table(rows, summary["verdicts"]), encoding="utf-8")
+    (out / "sweep.md").write_text(markdown_table(rows, summary["verdicts"], base), encoding="utf-8")
     plot(rows, out / "sweep.png")
     return summary
 
@@ -280,7 +298,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow([r[c] for c in cols] + [r.get(f, {}).get(s, "") for f in stats for s in ("mean", "std")])
 
 
-def markdown_table(rows: list[dict[str, Any]], lines: list[str]) -> str:
+def markdown_table(rows: list[dict[str, Any]], lines: list[str], base: dict[str, Any] | None = None) -> str:
+    """The table (one row per method and rank, the base model's first when given) and the verdict lines."""
     kind = next((r["prompt_fidelity_kind"] for r in rows if r.get("prompt_fidelity_kind")), None)
     head = [
         "method",
@@ -293,6 +312,16 @@ def markdown_table(rows: list[dict[str, Any]], lines: list[str]) -> str:
         "trainable params",
     ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base is not None:  # one model state, so its ± is the spread over sampling seeds
+        cells = [
+            _cell_text(base.get("subject_fidelity")),
+            _cell_text(base.get("subject_drawn"), 2),
+            _cell_text(base.get("prompt_fidelity"), 2),
+            "0",
+            "",
+            "",
+        ]
+        out.append("| base model | | " + " | ".join(cells) + " |")
     for r in rows:
         params = f"{int(r['trainable_parameters']['mean']):,}" if "trainable_parameters" in r else ""
         out.append(
@@ -314,7 +343,10 @@ def markdown_table(rows: list[dict[str, Any]], lines: list[str]) -> str:
     seeds = rows[0]["seeds"] if rows else 0
     evals = rows[0]["eval_seeds"] if rows else 0
     out.append("")
-    out.append(f"Mean ± std across {seeds} training seeds; each seed's value is the mean over {evals} sampling seeds.")
+    out.append(
+        f"Mean ± std across {seeds} training seeds; each seed's value is the mean over {evals} sampling seeds"
+        + (" (the base model's ± is the spread over those sampling seeds)." if base is not None else ".")
+    )
     out += [""] + [f"- {line}" for line in lines]
     return "\n".join(out) + "\n"
 

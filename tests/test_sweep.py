@@ -51,6 +51,9 @@ def test_summary_is_mean_and_std_across_training_seeds(tmp_path):
     # drift identical per seed: within the spread
     assert any(line.startswith("rank 4, drift: within the spread") for line in lines)
     table = markdown_table(rows, lines)
+    assert "base model" not in table
+    with_base = markdown_table(rows, lines, base={"subject_fidelity": {"mean": 0.5, "std": 0.1, "n": 4}})
+    assert "| base model | | 0.500 ± 0.100 |" in with_base
     assert "| lora | 4 | 0.600 ± 0.100 |" in table
     assert "across 3 training seeds" in table
 
@@ -109,24 +112,38 @@ def test_small_sweep_end_to_end_and_resumes(tmp_path, monkeypatch):
     again = run_sweep(cfg, progress=lambda *_: None)
     assert [c["subject_fidelity"] for c in again["cells"]] == [c["subject_fidelity"] for c in summary["cells"]]
 
-    # other settings: the cell is stale and is trained again
-    calls = []
-    monkeypatch.setattr(
-        sweep, "_train_cell", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(RuntimeError("stop"))
+    # other settings: a finished cell is not thrown away unless asked
+    stale = dict(
+        methods=("lora",),
+        ranks=(2,),
+        seeds=(0,),
+        steps=3,
+        num_class_images=2,
+        eval_seeds=2,
+        inference_steps=2,
+        threads=1,
     )
+    with pytest.raises(ConfigError, match="lora-r2-seed0.*other settings"):
+        run_sweep(_config(tmp_path, **stale), progress=lambda *_: None)
+    assert (out / "cells" / "lora-r2-seed0" / "cell.json").is_file()
+    calls = []
+
+    def stop(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(sweep, "_train_cell", stop)
     with pytest.raises(RuntimeError, match="stop"):
-        run_sweep(
-            _config(
-                tmp_path,
-                methods=("lora",),
-                ranks=(2,),
-                seeds=(0,),
-                steps=3,
-                num_class_images=2,
-                eval_seeds=2,
-                inference_steps=2,
-                threads=1,
-            ),
-            progress=lambda *_: None,
-        )
+        run_sweep(_config(tmp_path, overwrite=True, **stale), progress=lambda *_: None)
     assert len(calls) == 1
+
+
+def test_the_subject_folder_counts_by_content_not_path(tmp_path):
+    import shutil
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(SAMPLE, copy)
+    a, b = _config(tmp_path), _config(tmp_path, data=str(copy))
+    assert a.cell_settings() == b.cell_settings()
+    (copy / "robot_01_wood_table.jpg").write_bytes(b"changed")
+    assert a.cell_settings() != _config(tmp_path, data=str(copy)).cell_settings()
