@@ -260,6 +260,18 @@ def build_app(engine: Engine) -> gr.Blocks:
                         with gr.Row():
                             status = gr.Markdown("", elem_id="status")
                             refresh = gr.Button("↻ Refresh runs", size="sm", scale=0, min_width=140)
+                        with gr.Row(equal_height=True):
+                            measure_seeds = gr.Number(
+                                8, label="Seeds to measure", precision=0, minimum=2, maximum=64, scale=1, min_width=120
+                            )
+                            measure_class = gr.Textbox("a photo of a toy", label="Class prompt (drift)", scale=3)
+                            measure = gr.Button("Measure", size="sm", scale=1, min_width=120, elem_id="measure")
+                        scores = gr.Markdown(
+                            "**Measure** scores base, LoRA and DoRA on that many seeds of the prompt: subject "
+                            "fidelity against the run's photos, how often the subject is drawn (embedded model), "
+                            "and drift of the class prompt from the base; and says which adapter is ahead.",
+                            elem_id="scores",
+                        )
 
             # ------------------------------------------------------------------------------ Train
             with gr.Tab("Train", id="train"):
@@ -426,6 +438,30 @@ def build_app(engine: Engine) -> gr.Blocks:
             concurrency_id="device",
             concurrency_limit=1,
         ).success(lambda t: [gr.Image(label=x) for x in t], titles, images, api_visibility="private", queue=False)
+
+        @shown
+        def measure_adapters(prompt, seed, steps, guidance, width, height, lora, dora, seeds, class_prompt):
+            from dora_diffusion.sampling import SampleSettings
+
+            settings = SampleSettings(
+                prompt, None, int(seed or 0), int(steps), float(guidance), int(width), int(height)
+            )
+            return engine.score(
+                settings,
+                lora or None,
+                dora or None,
+                class_prompt=class_prompt or "a photo of a toy",
+                eval_seeds=int(seeds or 8),
+            )
+
+        measure.click(
+            measure_adapters,
+            [prompt, seed, steps, guidance, width, height, lora, dora, measure_seeds, measure_class],
+            scores,
+            api_name="measure",
+            concurrency_id="device",
+            concurrency_limit=1,
+        )
 
         @shown
         def save_uploads(files, resolution):

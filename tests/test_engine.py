@@ -369,3 +369,42 @@ def test_training_progress_comes_from_the_trainers_reports(tmp_path, monkeypatch
     assert p.its == 2.0 and p.eta_seconds == 0.0
     assert [c for _, c in p.validation] == [f"{m} · step {s} · seed 0" for m in ("lora", "dora") for s in (2, 4)]
     assert not any(tmp_path.rglob("*"))  # read from the reports, not from files
+
+
+@pytest.mark.slow
+def test_measure_scores_base_lora_and_dora_on_the_embedded_model(tmp_path):
+    engine = Engine(model=None, workspace=tmp_path / "ws")  # the embedded model: its judge scores
+    folder, _ = engine.save_uploads(sorted(SAMPLE.glob("robot_0[1-3]*")), resolution=64)
+    job = engine.start_training(
+        TrainRequest(
+            data=engine.relative(folder),
+            prompt="a photo of sks toy",
+            name="m",
+            method="both",
+            steps=2,
+            validation_steps=1,
+            num_validation_images=1,
+            validation_inference_steps=2,
+            report_to="none",
+        )
+    )
+    assert job.wait(300) and engine.training_progress().state == "finished"
+    settings = SampleSettings("a photo of sks toy", seed=0, steps=2, guidance=5.0, width=64, height=64)
+    text = engine.score(settings, lora="m/lora", dora="m/dora", eval_seeds=3)
+    assert "on 3 seeds (judge embedding; subject photos: `" in text
+    for row in ("| base |", "| LoRA |", "| DoRA |"):
+        assert row in text
+    assert "subject fidelity" in text and "drift from the base" in text
+    assert sum(line.startswith("- ") for line in text.splitlines()) == 3  # one verdict per metric
+    assert "within the spread" in text or "ahead" in text
+    with pytest.raises(EngineError, match="seeds to measure"):
+        engine.score(settings, lora="m/lora", eval_seeds=1)
+    with pytest.raises(EngineError, match="choose a LoRA or a DoRA"):
+        engine.score(settings)
+
+
+def test_measure_needs_a_judge_or_dino(engine):
+    from dora_diffusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dino: .* has no toy-world judge"):
+        engine.score(SMALL, lora="runs/lora", eval_seeds=2)

@@ -207,6 +207,41 @@ class Engine:
             sampled = sample_columns(self.pipe, columns, [settings])
         return [Generation(c.label, c.images[0][0], c.seconds) for c in sampled]
 
+    def score(
+        self,
+        settings: SampleSettings,
+        lora: str | None = None,
+        dora: str | None = None,
+        *,
+        class_prompt: str = "a photo of a toy",
+        eval_seeds: int = 8,
+    ) -> str:
+        """Base, LoRA and DoRA scored on ``eval_seeds`` seeds of ``settings.prompt`` (subject fidelity, subject
+        drawn) and of ``class_prompt`` (drift): the Markdown table and verdict lines shown under the images."""
+        from ..models import model_folder, resolve_model
+        from .scoring import score_columns
+
+        self.check_settings(settings)
+        if not 2 <= eval_seeds <= 64:
+            raise EngineError(f"seeds to measure: must be in 2..64, got {eval_seeds}")
+        adapters = {
+            label: self.adapter_path(text, what=f"{label} adapter")
+            for label, text in (("LoRA", lora), ("DoRA", dora))
+            if text
+        }
+        with self.jobs.use("measure adapters"):
+            _, text = score_columns(
+                self.pipe,
+                model_folder(resolve_model(self.model)),
+                adapters,
+                settings.prompt,
+                class_prompt,
+                eval_seeds,
+                settings.steps,
+                settings.guidance,
+            )
+        return text
+
     # ----------------------------------------------------------------------------------- training
 
     def train_configs(self, request: TrainRequest) -> list[TrainConfig]:
