@@ -22,6 +22,7 @@ GRID_PROMPTS = ("a photo of sks toy", "sks toy on the grass", "sks toy on the be
 SCENE_PROMPTS = {"sks toy on the grass": "grass", "sks toy on the beach": "beach"}
 DEMO_STEPS = 400
 JUDGED_SEEDS = 32
+JUDGED_STEPS = 20  # Euler steps of the judged images (the grid's have 25): keeps `make demo` within 5 minutes
 NUM_CLASS_IMAGES = 50
 CELL = 160  # grid cell size: the 64 px images enlarged (nearest neighbour)
 
@@ -88,11 +89,17 @@ def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) ->
         if adapter is not None:
             load_adapter(pipe, adapter)
         row: dict[str, Any] = {}
-        row["instance"], images = subject_presence(pipe, judge, PROMPT, seeds)
+        row["instance"], images = subject_presence(pipe, judge, PROMPT, seeds, steps=JUDGED_STEPS)
         row["subject_fidelity"] = asdict(subject_fidelity(embedder.embed_images(images), reference))
-        for prompt, scene in SCENE_PROMPTS.items():
-            row[scene], _ = subject_presence(pipe, judge, prompt, seeds, scene=scene)
-        row["class"], class_images = subject_presence(pipe, judge, CLASS_PROMPT, seeds)
+        if adapter is not None:  # the base model is not asked for the scenes: no claim is made about it
+            for prompt, scene in SCENE_PROMPTS.items():
+                row[scene], _ = subject_presence(pipe, judge, prompt, seeds, scene=scene, steps=JUDGED_STEPS)
+            kept = [row[scene]["scene"] for scene in SCENE_PROMPTS.values()]
+            n = len(seeds) * len(kept)
+            rate = sum(kept) / len(kept)  # prompt fidelity: the scenes kept, pooled, as a Score of 0/1 values
+            std = (n * rate * (1 - rate) / (n - 1)) ** 0.5 if n > 1 else 0.0
+            row["prompt_fidelity"] = {"mean": rate, "std": std, "n": n}
+        row["class"], class_images = subject_presence(pipe, judge, CLASS_PROMPT, seeds, steps=JUDGED_STEPS)
         class_emb = embedder.embed_images(class_images)
         base_class = class_emb if adapter is None else base_class
         if base_class is not None:
@@ -159,6 +166,7 @@ def run_demo(
         "methods": results,
         "dora_over_lora_step_time": results["dora"]["median_step_ms"] / results["lora"]["median_step_ms"],
         "judged": judged,
+        "judged_steps": JUDGED_STEPS,
         "judge_seconds": time.perf_counter() - t,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -170,11 +178,14 @@ def run_demo(
         )
     print(f"  judged over {JUDGED_SEEDS} seeds (the world's judge): the subject (teal robot with a heart) drawn for")
     for label, row in judged.items():
+        scenes = "".join(
+            f"  {prompt!r}: subject {row[scene]['subject']:.0%}, {scene} {row[scene]['scene']:.0%};"
+            for prompt, scene in SCENE_PROMPTS.items()
+            if scene in row
+        )
         print(
-            f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};"
-            f"  on the grass: subject {row['grass']['subject']:.0%},"
-            f" grass {row['grass']['scene']:.0%};  on the beach: subject {row['beach']['subject']:.0%},"
-            f" beach {row['beach']['scene']:.0%};  {CLASS_PROMPT!r}: subject {row['class']['subject']:.0%}"
+            f"    {label:5s} {PROMPT!r}: {row['instance']['subject']:.0%};{scenes}"
+            f"  {CLASS_PROMPT!r}: subject {row['class']['subject']:.0%}"
         )
     from .metrics import Score, ahead
 
@@ -182,6 +193,8 @@ def run_demo(
     dr = {k: Score(**judged[k]["class_drift"]) for k in ("LoRA", "DoRA")}
     summary["subject_fidelity_verdict"] = ahead(fid["DoRA"], fid["LoRA"], names=("DoRA", "LoRA"))
     summary["class_drift_verdict"] = ahead(dr["DoRA"], dr["LoRA"], names=("DoRA", "LoRA"), lower_is_better=True)
+    pf = {k: Score(**judged[k]["prompt_fidelity"]) for k in ("LoRA", "DoRA")}
+    summary["prompt_fidelity_verdict"] = ahead(pf["DoRA"], pf["LoRA"], names=("DoRA", "LoRA"))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"  subject fidelity (judge embedding, vs the photos): LoRA {fid['LoRA'].mean:.3f} ± {fid['LoRA'].std:.3f}, "
@@ -190,6 +203,10 @@ def run_demo(
     print(
         f"  drift of {CLASS_PROMPT!r} from the base: LoRA {dr['LoRA'].mean:.3f}, DoRA {dr['DoRA'].mean:.3f}: "
         f"{summary['class_drift_verdict']}"
+    )
+    print(
+        f"  scenes kept (grass, beach pooled): LoRA {pf['LoRA'].mean:.0%}, DoRA {pf['DoRA'].mean:.0%}: "
+        f"{summary['prompt_fidelity_verdict']}"
     )
     print(f"  side by side (base | LoRA | DoRA, same seeds): {grid_path}")
     print("  look at them in the app: make app   (or: dora-diffusion app)")

@@ -32,9 +32,16 @@ def test_demo_trains_both_methods_and_judges_them(tmp_path: Path, monkeypatch: p
     assert set(judged) == {"base", "LoRA", "DoRA"}
     for row in judged.values():
         assert row["instance"]["n"] == 2 and 0.0 <= row["instance"]["subject"] <= 1.0
-        assert {"grass", "beach", "class", "subject_fidelity", "class_drift"} <= set(row) and "scene" in row["grass"]
+        assert {"class", "subject_fidelity", "class_drift"} <= set(row)
+    for label in ("LoRA", "DoRA"):
+        row = judged[label]
+        assert {"grass", "beach", "prompt_fidelity"} <= set(row) and "scene" in row["grass"]
+        kept = (row["grass"]["scene"] + row["beach"]["scene"]) / 2
+        assert row["prompt_fidelity"]["mean"] == pytest.approx(kept) and row["prompt_fidelity"]["n"] == 4
+    assert "grass" not in judged["base"]  # the base is not asked for the scenes
     assert judged["base"]["class_drift"]["mean"] < 1e-6  # the base against itself
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert "DoRA" in summary["subject_fidelity_verdict"] or "within the spread" in summary["subject_fidelity_verdict"]
+    for verdict in ("subject_fidelity_verdict", "class_drift_verdict", "prompt_fidelity_verdict"):
+        assert summary[verdict].startswith(("DoRA ahead", "LoRA ahead", "within the spread")), verdict
     with pytest.raises(Exception, match="overwrite"):
         demo.run_demo(tmp_path / "demo", steps=6)
