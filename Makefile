@@ -67,8 +67,8 @@ demo: setup  ## build the tiny model, train LoRA and DoRA on the sample subject,
 app: setup  ## the Gradio app on http://127.0.0.1:7860 (after `make demo`, its LoRA and DoRA are preselected)
 	$(VENV)/bin/dora-diffusion app --outputs outputs
 
-screenshots: setup  ## README screenshots of the app (needs chromium)
-	$(PY) app/screenshots.py --out docs/screenshots
+screenshots: setup  ## README screenshots of the app (needs chromium; after `make demo`, of its runs)
+	$(PY) app/screenshots.py --out docs/screenshots --workspace outputs
 
 bench: setup  ## CPU benchmark: training step time and peak memory, medium SDXL-shaped UNet
 	$(PY) benchmarks/bench_adapters.py --size medium --out benchmarks/results/cpu-medium.json

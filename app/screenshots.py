@@ -4,7 +4,8 @@
 
 In a workspace (default: a temporary one): trains a short LoRA and DoRA on the sample subject
 (``demo/lora``, ``demo/dora``) unless they are there, serves the app, then per tab: Compare after a
-generation, Train after a short run started from the UI, Export after an export, Analysis of the demo's runs.
+generation and a measurement, Train after a short run started from the UI, Export after an export,
+Analysis of the demo's runs. With ``--workspace outputs`` after ``make demo``, the demo's own runs are used.
 PNGs over 300 KB are palette-quantised.
 """
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium executable")
     parser.add_argument("--workspace", default=None, help="workspace to use and keep (default: a temporary one)")
     parser.add_argument("--steps", type=int, default=40, help="training steps of the demo runs (default: 40)")
-    parser.add_argument("--size", type=int, default=256, help="image size of the comparison (default: 256)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="image size of the comparison (default: the model's native size)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Compare: base | LoRA | DoRA, preselected demo runs, the same seed
                 for side in ("width", "height"):
                     box = page.locator(f"#{side} input[type=number]")
-                    box.fill(str(args.size))
+                    box.fill(str(args.size or engine.native_size()))
                     box.press("Enter")
                 for _ in range(2):  # the second time with warm caches: representative times
                     page.locator("#generate").click()
@@ -110,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
                         page.wait_for_selector(f"#compare-{key} img", timeout=120_000)
                     page.wait_for_function("document.querySelector('#status').innerText.includes('Seed')")
                     time.sleep(1)
+                # ... and measured: subject fidelity, subject drawn, drift, which adapter is ahead
+                page.locator("#measure").click()
+                page.wait_for_function(
+                    "document.querySelector('#scores').innerText.includes('Measured')", timeout=600_000
+                )
                 time.sleep(1)
                 save_small(page.screenshot(full_page=True), out / "compare.png")
 
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 # Export: the DoRA run, kohya format
                 page.get_by_role("tab", name="Export").click()
-                page.get_by_label("kohya: ComfyUI, A1111 / Forge").check()
+                page.get_by_label("comfyui: ComfyUI, Forge").check()
                 page.locator("#export").click()
                 page.wait_for_function("document.body.innerText.includes('MB)')", timeout=300_000)
                 time.sleep(1)
