@@ -19,11 +19,11 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from dora_diffusion import runs
+from dora_diffusion.batches import encode_prompts, seeded_generator
 from dora_diffusion.data import SubjectDataset, collate_examples, scan_subject_folder
 from dora_diffusion.formats import load_adapter
 from dora_diffusion.losses import training_target
 from dora_diffusion.models import load_pipeline, model_folder, native_resolution, resolve_model
-from dora_diffusion.train import encode_prompts, seeded_generator
 
 TIMESTEPS = tuple(range(50, 1000, 100))  # 50, 150, ..., 950
 

@@ -100,9 +100,10 @@ class CompareConfig:
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Train every (method, rank) with the same seed and settings; write grid, analysis and summary."""
     from .analysis import analyze
+    from .checkpoints import prepare_output
     from .models import load_pipeline
     from .sampling import Column, SampleSettings, image_grid, sample_columns
-    from .train import prepare_output, train
+    from .train import train
 
     root = prepare_output(cfg.train)
     runs: list[dict[str, Any]] = []

@@ -4,7 +4,8 @@ would adapt (``full``), with accelerate underneath.
 ``train(config)`` reads top to bottom: set up, load, adapt, cache, then one optimizer step per loop
 iteration, with validation images and checkpoints on the way, and the adapter, the resolved config
 and a model card at the end. SDXL specifics (prompt encoding, data order, seeded noise) are the small
-pure helpers above it; the loss (target, min-SNR weights) is ``losses``.
+pure helpers of ``batches``; the loss (target, min-SNR weights) is ``losses``; the output folder, the run lock
+and checkpoints are ``checkpoints``; class and validation images are ``validation``.
 
 Reproducibility: every random draw comes from a generator keyed on (seed, step, rank) or
 (seed, image), never from hidden global state, except dropout, whose global RNG state is saved in
@@ -14,231 +15,40 @@ checkpoints. So N steps + resume + N steps gives exactly the adapter of 2N steps
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
-import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import runs
+from .batches import Batches, batch_indices, encode_prompts, seeded_generator  # noqa: F401 (re-exported)
+from .checkpoints import (
+    find_checkpoint,
+    load_checkpoint,
+    output_lock,
+    prepare_output,
+    record_replicas,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig
-from .data import SubjectDataset, collate_examples, scan_subject_folder
+from .data import SubjectDataset, scan_subject_folder
 from .full import (
     FULL,
-    load_tuned_state_dict,
     save_tuned_components,
     tune_layers,
-    tuned_parameters,
-    tuned_state_dict,
     tuned_summary,
 )
-from .inject import adapter_parameters, adapter_state_dict, adapter_summary, add_adapters, load_adapter_state_dict
+from .inject import adapter_summary, add_adapters
 from .losses import diffusion_loss, loss_weights, training_target
-
-# --------------------------------------------------------------------------------------------
-# Small pure helpers
-# --------------------------------------------------------------------------------------------
-
-
-def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator whose seed is a hash of ``keys`` (independent streams per step, rank, image)."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] % (2**63))
-    return torch.Generator("cpu").manual_seed(seed)
-
-
-def batch_indices(seed: int, micro_step: int, rank: int, world: int, batch_size: int, n: int) -> list[tuple[int, int]]:
-    """``(image index, epoch)`` pairs of one rank's micro-batch: epochs are seeded permutations of the
-    data, consumed in order by all ranks together, so the order depends only on the step."""
-    out = []
-    for j in range(batch_size):
-        position = (micro_step * world + rank) * batch_size + j
-        epoch, k = divmod(position, n)
-        perm = torch.randperm(n, generator=seeded_generator(seed, 1, epoch))
-        out.append((int(perm[k]), epoch))
-    return out
-
-
-def encode_prompts(text_encoders, tokenizers, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDXL prompt encoding: both encoders' penultimate hidden states, concatenated; te2's pooled output."""
-    states, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        out = encoder(ids, output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # te2 (the last): projected pooled output, [B, projection_dim]
-    return torch.cat(states, dim=-1), pooled
-
-
-# --------------------------------------------------------------------------------------------
-# Output folder, checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def prepare_output(config: TrainConfig) -> Path:
-    """Refuse to write into a non-empty folder unless resuming or told to overwrite."""
-    out = Path(config.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output: {out} exists and is not a folder")
-    if (
-        out.exists()
-        and any(p.name != runs.LOCK_NAME for p in out.iterdir())
-        and not config.resume
-        and not config.overwrite
-    ):
-        raise ConfigError(
-            f"output: {out} already exists and is not empty; use --resume latest to continue it, "
-            "another --output, or --overwrite to write into it anyway"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def output_lock(output: str | Path) -> Iterator[None]:
-    """Hold ``<output>/.train.lock`` (created exclusively, holding our pid) while a run writes there, so a
-    second run into the same folder stops at once. A lock whose process is gone (killed) is taken over.
-    Released on the way out, errors included; a folder this made and nothing filled is removed again.
-    Under several processes rank 0 holds it for all (they share the folder)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output: {out} exists and is not a folder")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / runs.LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            text = lock.read_text(errors="replace").strip()
-            pid = int(text) if text.isdigit() else None
-            if pid is None or _pid_alive(pid):  # unreadable: maybe being written; assume it is held
-                raise ConfigError(
-                    f"output: {out} is in use by another training run (pid {pid if pid else '?'}, lock file {lock}); "
-                    "wait for it to end or choose another --output (if no run is going, delete the lock file)"
-                ) from None
-            print(f"output: taking over the lock of process {pid} in {out}: that process is no longer running")
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        break
-    else:
-        raise ConfigError(f"output: {out} is in use by another training run that is just starting (lock file {lock})")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if empty: a run refused before writing anything leaves no folder
-
-
-def find_checkpoint(output: Path, resume: str) -> Path:
-    """The checkpoint ``resume`` names: ``latest`` (the run's newest complete one) or a checkpoint folder."""
-    if resume != "latest":
-        path = Path(resume)
-        if not runs.is_checkpoint(path):
-            raise ConfigError(f"resume: {path} is not a checkpoint folder (no {runs.STATE_NAME})")
-        return path
-    found = runs.latest_checkpoint(output)
-    if found is None:
-        raise ConfigError(f"resume: no checkpoint in {output / runs.CHECKPOINT_DIR}")
-    return found
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    accelerator, output: Path, step: int, modules: dict, optimizer, lr_scheduler, config: TrainConfig
-) -> Path:
-    """Adapter weights, optimizer, schedule, RNG states and step, written to a temporary folder and
-    renamed into place: a kill mid-write leaves the previous checkpoint intact."""
-    final, tmp = runs.checkpoint_dir(output, step), runs.checkpoint_staging_dir(output, step)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), runs.rng_file(tmp, accelerator.process_index))
-    if accelerator.is_main_process:
-        trained = {c: trainable_state_dict(accelerator.unwrap_model(m), config.method) for c, m in modules.items()}
-        runs.write_checkpoint_tensors(tmp / checkpoint_weights_name(config.method), trained)
-        torch.save(optimizer.state_dict(), tmp / runs.OPTIMIZER_NAME)
-        torch.save(lr_scheduler.state_dict(), tmp / runs.SCHEDULER_NAME)
-        runs.write_checkpoint_state(tmp, step, config.to_dict())  # last: a folder with it is complete
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if config.checkpoints_total_limit:
-            for old in runs.checkpoints(output)[: -config.checkpoints_total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_scheduler, config: TrainConfig) -> int:
-    """Restore a checkpoint written by ``save_checkpoint``; returns its step."""
-    state = runs.read_checkpoint_state(path)
-    saved = state["config"]
-    for key in ("method", "rank", "alpha", "targets", "train_text_encoder", "model"):
-        if saved.get(key) != getattr(config, key):
-            raise ConfigError(
-                f"resume: {key} is {getattr(config, key)!r} but checkpoint {path} was trained with {saved.get(key)!r}"
-            )
-    adapter = path / checkpoint_weights_name(config.method)
-    by_component = runs.read_checkpoint_tensors(adapter)
-    load = load_tuned_state_dict if config.method == FULL else load_adapter_state_dict
-    for comp, module in modules.items():
-        load(accelerator.unwrap_model(module), by_component.get(comp, {}), source=f"{adapter} ({comp})")
-    # Our own files, loaded without unpickling code (weights_only).
-    optimizer.load_state_dict(torch.load(path / runs.OPTIMIZER_NAME, weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / runs.SCHEDULER_NAME, weights_only=True))
-    rng = runs.rng_file(path, accelerator.process_index)
-    if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))  # numpy/python states are tuples, our file
-    return int(state["step"])
-
+from .optim import build_optimizer
+from .validation import generate_class_images, run_validation
 
 # --------------------------------------------------------------------------------------------
 # The run
@@ -256,26 +66,6 @@ class TrainResult:
     validation_images: list[Path] = field(default_factory=list)
     stopped: bool = False
     tuned_components: list[Path] = field(default_factory=list)  # full fine-tuning: <run>/unet, ...
-
-
-def trainable_state_dict(module: torch.nn.Module, method: str) -> dict[str, torch.Tensor]:
-    """What a run trains in ``module``: its adapters' parameters, or (``full``) its tuned layers' weights."""
-    return tuned_state_dict(module) if method == FULL else adapter_state_dict(module)
-
-
-def checkpoint_weights_name(method: str) -> str:
-    return runs.CHECKPOINT_WEIGHTS_NAME if method == FULL else runs.CHECKPOINT_ADAPTER_NAME
-
-
-def adapter_checksum(modules: dict, method: str = "") -> float:
-    """A float that differs when any trained weight differs (replicas under DDP must agree)."""
-    total = 0.0
-    for _, m in sorted(modules.items()):
-        for i, (_, v) in enumerate(sorted(trainable_state_dict(m, method).items())):
-            total += float((v.double().flatten() * torch.linspace(1, 2, v.numel(), dtype=torch.float64)).sum()) * (
-                i + 1
-            )
-    return total
 
 
 class StepReport(NamedTuple):
@@ -311,7 +101,6 @@ def _train(
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from .card import write_model_card
@@ -417,63 +206,11 @@ def _train(
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     # ---- caches: text embeddings when the encoders are frozen, VAE latents when asked
-    prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if not config.train_text_encoder:
-        prompts = {dataset.example(i, 0)["prompt"] for i in range(len(dataset))}
-        if class_dataset is not None:
-            prompts.add(config.class_prompt)
-        with torch.no_grad():
-            for p in sorted(prompts):
-                embeds, pooled = encode_prompts(text_encoders, tokenizers, [p], device)
-                prompt_cache[p] = (embeds[0], pooled[0])
-
-    def encode_images(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            dist = vae.encode(pixels.to(device, torch.float32)).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=generator).to(device)
-            return (dist.mean + dist.std * noise) * vae.config.scaling_factor
-
-    # (latent, prompt, time ids) per image: the pixels are not kept once encoded
-    latent_cache: dict[tuple[str, int], tuple[torch.Tensor, str, torch.Tensor]] = {}
-    if config.cache_latents:
-        for tag, ds in (("instance", dataset), ("class", class_dataset)):
-            for i in range(len(ds) if ds is not None else 0):
-                b = collate_examples([ds.example(i, 0)])
-                latent = encode_images(b["pixel_values"], seeded_generator(config.seed, 2, i, tag == "class"))[0].cpu()
-                latent_cache[(tag, i)] = (latent, b["prompts"][0], b["add_time_ids"][0])
-
-    def make_batch(
-        tag: str, ds, picks: list[tuple[int, int]], gen: torch.Generator
-    ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        if config.cache_latents:
-            entries = [latent_cache[(tag, i)] for i, _ in picks]
-            latents = torch.stack([e[0] for e in entries]).to(device)
-            return latents, [e[1] for e in entries], torch.stack([e[2] for e in entries]).to(device)
-        batch = collate_examples([ds.example(i, epoch) for i, epoch in picks])
-        return encode_images(batch["pixel_values"], gen), batch["prompts"], batch["add_time_ids"].to(device)
+    datasets = {"instance": dataset, "class": class_dataset}
+    inputs = Batches(config, datasets, vae, text_encoders, tokenizers, device)
 
     # ---- optimizer and schedule (stepped once per optimizer step; not handed to accelerate)
-    parameters_of = tuned_parameters if config.method == FULL else adapter_parameters
-    groups = [{"params": parameters_of(unet), "lr": config.learning_rate}]
-    if config.train_text_encoder:
-        te_params = [p for te in text_encoders for p in parameters_of(te)]
-        groups.append({"params": te_params, "lr": config.text_encoder_lr or config.learning_rate})
-    optimizer_cls = torch.optim.AdamW
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    optimizer = optimizer_cls(
-        groups, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon, weight_decay=config.weight_decay
-    )
-    lr_scheduler = get_scheduler(
-        config.lr_schedule,
-        optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
-        num_training_steps=config.max_steps,
-    )
+    optimizer, lr_scheduler = build_optimizer(config, unet, text_encoders)
     prepared = accelerator.prepare(*modules.values(), optimizer)
     modules = dict(zip(modules, prepared[:-1], strict=True))
     unet, optimizer = modules["unet"], prepared[-1]
@@ -525,16 +262,14 @@ def _train(
             micro_step = step * config.gradient_accumulation + micro
             gen = seeded_generator(config.seed, 3, micro_step, rank)
             # batch: instance examples, then as many class examples (prior preservation)
-            latents, prompts, time_ids = make_batch(
+            latents, prompts, time_ids = inputs.make_batch(
                 "instance",
-                dataset,
                 batch_indices(config.seed, micro_step, rank, world, config.batch_size, len(dataset)),
                 gen,
             )
             if class_dataset is not None:
-                c_lat, c_prompts, c_ids = make_batch(
+                c_lat, c_prompts, c_ids = inputs.make_batch(
                     "class",
-                    class_dataset,
                     batch_indices(config.seed + 1, micro_step, rank, world, config.batch_size, len(class_dataset)),
                     gen,
                 )
@@ -552,11 +287,7 @@ def _train(
             ).to(device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             # conditioning
-            if prompt_cache:
-                embeds = torch.stack([prompt_cache[p][0] for p in prompts])
-                pooled = torch.stack([prompt_cache[p][1] for p in prompts])
-            else:
-                embeds, pooled = encode_prompts(text_encoders, tokenizers, prompts, device)
+            embeds, pooled = inputs.conditioning(prompts, text_encoders)
             sync = micro == config.gradient_accumulation - 1
             ctx = accelerator.no_sync(unet) if not sync and world > 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
@@ -625,24 +356,7 @@ def _train(
 
     # ---- replicas must agree (DDP): every rank's adapter checksum, recorded
     if world > 1:
-        sums = accelerator.gather(
-            torch.tensor(
-                [adapter_checksum({c: accelerator.unwrap_model(m) for c, m in modules.items()}, config.method)],
-                dtype=torch.float64,
-                device=device,
-            )
-        )
-        if accelerator.is_main_process:
-            (output / runs.RANKS_NAME).write_text(
-                json.dumps(
-                    {
-                        "num_processes": world,
-                        "adapter_checksums": sums.tolist(),
-                        "in_sync": bool(torch.all(sums == sums[0])),
-                    },
-                    indent=2,
-                )
-            )
+        record_replicas(accelerator, output, modules, config.method)
 
     # ---- the end: final validation, the adapter, config and model card
     images = run_validation(accelerator, pipe, modules, text_encoders, config, output, config.max_steps)
@@ -677,78 +391,3 @@ def _train(
         validation_images,
         tuned_components=tuned_components,
     )
-
-
-def generate_class_images(
-    pipe, class_dir: Path, class_prompt: str, wanted: int, resolution: int, config: TrainConfig
-) -> None:
-    """Fill ``class_dir`` up to ``wanted`` images of ``class_prompt`` from the base model (kept for later runs)."""
-    from .data import IMAGE_EXTENSIONS
-    from .sampling import SampleSettings, generate
-
-    class_dir.mkdir(parents=True, exist_ok=True)
-    have = [p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if len(have) >= wanted:
-        return
-    print(f"generating {wanted - len(have)} class images of {class_prompt!r} in {class_dir}")
-    for i in range(len(have), wanted):
-        settings = SampleSettings(
-            class_prompt,
-            seed=config.seed + 100_000 + i,
-            steps=config.validation_inference_steps,
-            guidance=config.validation_guidance,
-            width=resolution,
-            height=resolution,
-        )
-        image = generate(pipe, settings)[0]
-        tmp = class_dir / f".class_{i:05d}.png"
-        image.save(tmp)
-        os.replace(tmp, class_dir / f"class_{i:05d}.png")
-
-
-def run_validation(
-    accelerator, pipe, modules, text_encoders, config: TrainConfig, output: Path, step: int
-) -> list[Path]:
-    """Fixed-seed validation images (seed, seed+1, ...) saved under ``validation/`` and logged."""
-    if not accelerator.is_main_process or config.num_validation_images < 1:
-        return []
-    from diffusers import StableDiffusionXLPipeline
-
-    from .sampling import SampleSettings, generate
-
-    unet = accelerator.unwrap_model(modules["unet"])
-    tes = [accelerator.unwrap_model(t) for t in text_encoders]
-    val_pipe = StableDiffusionXLPipeline(
-        vae=pipe.vae,
-        text_encoder=tes[0],
-        text_encoder_2=tes[1],
-        tokenizer=pipe.tokenizer,
-        tokenizer_2=pipe.tokenizer_2,
-        unet=unet,
-        scheduler=pipe.scheduler,
-    )
-    val_pipe.set_progress_bar_config(disable=True)
-    for m in modules.values():
-        m.eval()
-    settings = SampleSettings(
-        config.validation_prompt or config.prompt,
-        seed=config.seed,
-        steps=config.validation_inference_steps,
-        guidance=config.validation_guidance,
-    )
-    with accelerator.autocast():
-        images = generate(val_pipe, settings, num_images=config.num_validation_images)
-    paths = []
-    for i, image in enumerate(images):
-        path = runs.validation_image_path(output, step, config.seed + i)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)  # readers (the app) never see a half-written image
-        paths.append(path)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(
-                "validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
-            )
-    return paths

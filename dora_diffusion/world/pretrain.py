@@ -412,7 +412,7 @@ def _stage_unet(cfg: PretrainConfig, work: Path, components: dict, clock: _Clock
     token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        # SDXL's prompt encoding (as train.encode_prompts), with the token ids of each caption cached
+        # SDXL's prompt encoding (as batches.encode_prompts), with the token ids of each caption cached
         for p in prompts:
             if p not in token_cache:
                 token_cache[p] = tuple(
