@@ -77,7 +77,7 @@ def test_a_bare_adapter_file_of_an_embedded_model_run_is_analysed_on_the_embedde
 
 
 def test_every_reader_resolves_the_embedded_marker(embedded_run, tmp_path):
-    from dora_diffusion.cli import _recorded_model
+    from dora_diffusion.cli_commands import recorded_model
     from dora_diffusion.engine import Engine
     from dora_diffusion.models import embedded_model
 
@@ -88,7 +88,7 @@ def test_every_reader_resolves_the_embedded_marker(embedded_run, tmp_path):
     for path in (embedded_run, runs.adapter_file(embedded_run), runs.comfyui_file(embedded_run), bare, bare.parent):
         assert runs.base_model(path) is None, path
         assert runs.base_model_folder(path) == embedded_model()
-    assert _recorded_model(None, [str(bare)]) is None
+    assert recorded_model(None, [str(bare)]) is None
     listed = {r.name: r for r in Engine(workspace=tmp_path).list_runs()}
     assert listed["adapter"].base_model is None and listed["adapter"].steps == 1 and listed["adapter"].method == "dora"
 
