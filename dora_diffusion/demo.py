@@ -116,7 +116,7 @@ def run_demo(
     from .config import ConfigError
     from .models import embedded_judge, embedded_model, load_pipeline
     from .sampling import Column, SampleSettings, image_grid, sample_columns
-    from .threads import set_torch_threads
+    from .threads import generation_threads, set_torch_threads
     from .train import train
 
     if not SAMPLE_DATA.is_dir():
@@ -146,6 +146,11 @@ def run_demo(
         }
 
     # The grid: the same initial noise for base, LoRA and DoRA in each row.
+    import torch
+
+    gen_threads, why = generation_threads(threads)
+    torch.set_num_threads(gen_threads)
+    print(f"generating with {gen_threads} torch thread(s) ({why})")
     pipe = load_pipeline(str(model))
     pipe.set_progress_bar_config(disable=True)
     columns = {"base": None, "LoRA": output / "lora", "DoRA": output / "dora"}
@@ -167,6 +172,7 @@ def run_demo(
         "dora_over_lora_step_time": results["dora"]["median_step_ms"] / results["lora"]["median_step_ms"],
         "judged": judged,
         "judged_steps": JUDGED_STEPS,
+        "generation_threads": gen_threads,
         "judge_seconds": time.perf_counter() - t,
         "wall_seconds": time.perf_counter() - started,
     }

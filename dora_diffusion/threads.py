@@ -41,3 +41,20 @@ def set_torch_threads(requested: int | None = None, *, model: str | None = None)
     torch.set_num_threads(threads)
     print(f"torch threads: {threads} ({why})")
     return threads
+
+
+def generation_threads(requested: int | None = None) -> tuple[int, str]:
+    """Threads for batched generation on the embedded tiny model: ``choose_threads`` when ``--threads`` or
+    ``OMP_NUM_THREADS`` say; else two when the machine has them and the 1-minute load average leaves a core
+    free (batches of 16 prompts are big enough for a second thread to pay: 32 images in 5.5 s against 9 s on
+    one, measured on an idle 2-core machine), one otherwise (a busy core stalls every op of a thread team)."""
+    if requested is not None or os.environ.get("OMP_NUM_THREADS", "").strip():
+        return choose_threads(requested)
+    cpus = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return 1, "no load average to tell whether a second core is free"
+    if cpus >= 2 and load < cpus - 0.5:
+        return 2, f"batched generation, load average {load:.1f} on {cpus} CPUs"
+    return 1, f"load average {load:.1f} on {cpus} CPUs: no core to spare"

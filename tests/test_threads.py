@@ -30,3 +30,21 @@ def test_set_torch_threads_sets_and_prints(capsys):
         assert capsys.readouterr().out == "torch threads: 2 (--threads)\n"
     finally:
         torch.set_num_threads(before)
+
+
+def test_generation_threads_use_a_free_core_only(monkeypatch):
+    from dora_diffusion import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # this process alone
+    assert threads.generation_threads()[0] == 2
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.9, 1.0, 1.0))  # another job on the other core
+    assert threads.generation_threads()[0] == 1
+    assert threads.generation_threads(3) == (3, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.generation_threads()[0] == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert threads.generation_threads()[0] == 1
