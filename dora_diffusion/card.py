@@ -9,23 +9,10 @@ from .config import TrainConfig
 from .full import FULL
 
 
-def model_card(
-    config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path
-) -> str:
-    if config.method == FULL:
-        return full_model_card(
-            config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=output
-        )
-    base = config.model or "tiny-sdxl (the embedded test model of dora-diffusion)"
-    method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only", "dvora": "DVoRA (DoRA + VeRA)"}.get(
-        config.method, config.method
-    )
-    shown = images[-config.num_validation_images :] if images else []
-    gallery = "\n".join(f"![validation]({p.relative_to(output).as_posix()})" for p in shown)
+def _front_matter(config: TrainConfig, tag: str) -> str:
+    """The Hugging Face YAML header (``base_model`` only for a hub id)."""
     hub_base = config.model if config.model and not Path(config.model).exists() else None
     yaml_base = f"base_model: {hub_base}\n" if hub_base else ""
-    load_from = config.model or "PATH/TO/BASE/MODEL"
-    comfyui = runs.comfyui_file(output).relative_to(output).as_posix()
     return f"""---
 {yaml_base}library_name: diffusers
 license: other
@@ -33,10 +20,48 @@ tags:
 - text-to-image
 - stable-diffusion-xl
 - diffusers
-- {config.method}
+- {tag}
 - dora-diffusion
 instance_prompt: {config.prompt!r}
----
+---"""
+
+
+def _training_rows(config: TrainConfig, resolution: int, trainable_parameters: int) -> str:
+    """The table rows every card has, after its method row(s)."""
+    steps = f"{config.max_steps} / {config.batch_size}×{config.gradient_accumulation}"
+    return f"""| targets | `{config.targets}`{" + both text encoders" if config.train_text_encoder else ""} |
+| trainable parameters | {trainable_parameters:,} |
+| steps / batch / lr | {steps} / {config.learning_rate:g} ({config.lr_schedule}) |
+| resolution | {resolution} |
+| prior preservation | {repr(config.class_prompt) if config.class_prompt else "off"} |
+| seed | {config.seed} |
+
+Instance prompt: `{config.prompt}`. Validation prompt: `{config.validation_prompt or config.prompt}`."""
+
+
+def _gallery(config: TrainConfig, images: list[Path], output: Path) -> str:
+    shown = images[-config.num_validation_images :] if images else []
+    return "\n".join(f"![validation]({p.relative_to(output).as_posix()})" for p in shown)
+
+
+BASE_LABEL = "tiny-sdxl (the embedded test model of dora-diffusion)"
+
+
+def model_card(
+    config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path
+) -> str:
+    if config.method == FULL:
+        return full_model_card(
+            config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=output
+        )
+    base = config.model or BASE_LABEL
+    method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only", "dvora": "DVoRA (DoRA + VeRA)"}.get(
+        config.method, config.method
+    )
+    gallery = _gallery(config, images, output)
+    load_from = config.model or "PATH/TO/BASE/MODEL"
+    comfyui = runs.comfyui_file(output).relative_to(output).as_posix()
+    return f"""{_front_matter(config, config.method)}
 
 # {method} adapter for SDXL: `{config.prompt}`
 
@@ -46,14 +71,7 @@ Trained with [dora-diffusion](https://pypi.org/project/dora-diffusion/) on {base
 |---|---|
 | method | {method} (`{config.method}`) |
 | rank / alpha | {config.rank} / {config.alpha if config.alpha is not None else config.rank} |
-| targets | `{config.targets}`{" + both text encoders" if config.train_text_encoder else ""} |
-| trainable parameters | {trainable_parameters:,} |
-| steps / batch / lr | {config.max_steps} / {config.batch_size}×{config.gradient_accumulation} / {config.learning_rate:g} ({config.lr_schedule}) |
-| resolution | {resolution} |
-| prior preservation | {repr(config.class_prompt) if config.class_prompt else "off"} |
-| seed | {config.seed} |
-
-Instance prompt: `{config.prompt}`. Validation prompt: `{config.validation_prompt or config.prompt}`.
+{_training_rows(config, resolution, trainable_parameters)}
 
 {gallery}
 
@@ -97,11 +115,8 @@ def full_model_card(
     config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path
 ) -> str:
     """The card of a full fine-tuning run (``--method full``): tuned component folders, no adapter."""
-    base = config.model or "tiny-sdxl (the embedded test model of dora-diffusion)"
-    shown = images[-config.num_validation_images :] if images else []
-    gallery = "\n".join(f"![validation]({p.relative_to(output).as_posix()})" for p in shown)
-    hub_base = config.model if config.model and not Path(config.model).exists() else None
-    yaml_base = f"base_model: {hub_base}\n" if hub_base else ""
+    base = config.model or BASE_LABEL
+    gallery = _gallery(config, images, output)
     load_from = config.model or "PATH/TO/BASE/MODEL"
     unet = runs.tuned_component_dir(output, "unet").relative_to(output).as_posix()
     te_lines = ""
@@ -113,17 +128,7 @@ def full_model_card(
             f'te2 = CLIPTextModelWithProjection.from_pretrained("{output.name}/text_encoder_2")\n'
         )
         te_args = ", text_encoder=te1, text_encoder_2=te2"
-    return f"""---
-{yaml_base}library_name: diffusers
-license: other
-tags:
-- text-to-image
-- stable-diffusion-xl
-- diffusers
-- full-fine-tuning
-- dora-diffusion
-instance_prompt: {config.prompt!r}
----
+    return f"""{_front_matter(config, "full-fine-tuning")}
 
 # Fine-tuned SDXL layers: `{config.prompt}`
 
@@ -135,14 +140,7 @@ every weight outside the targeted layers is the base model's.
 | | |
 |---|---|
 | method | full fine-tuning (`{FULL}`) |
-| targets | `{config.targets}`{" + both text encoders" if config.train_text_encoder else ""} |
-| trainable parameters | {trainable_parameters:,} |
-| steps / batch / lr | {config.max_steps} / {config.batch_size}×{config.gradient_accumulation} / {config.learning_rate:g} ({config.lr_schedule}) |
-| resolution | {resolution} |
-| prior preservation | {repr(config.class_prompt) if config.class_prompt else "off"} |
-| seed | {config.seed} |
-
-Instance prompt: `{config.prompt}`. Validation prompt: `{config.validation_prompt or config.prompt}`.
+{_training_rows(config, resolution, trainable_parameters)}
 
 {gallery}
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, TrainConfig
+from .evaluation import METRICS, verdict_lines
 from .inject import METHODS
 
 
@@ -219,29 +220,17 @@ def _metrics(cfg: CompareConfig, pipe, runs: list[dict[str, Any]]) -> dict[str, 
     return {"base_metrics": base, "metric_verdicts": metric_verdicts(runs)}
 
 
-METRIC_FIELDS = ("subject_fidelity", "subject_drawn", "prompt_fidelity", "drift")
-
-
 def metric_verdicts(runs: list[dict[str, Any]]) -> list[str]:
     """DoRA against LoRA at each rank, per metric: which is ahead and whether by more than the seed spread."""
-    from .metrics import Score, ahead
-
     by = {(r["method"], r["rank"]): r for r in runs if "metrics" in r}
-    out = []
-    for (method, rank), run in by.items():
-        other = by.get(("lora", rank))
-        if method != "dora" or other is None:
-            continue
-        for f in METRIC_FIELDS:
-            if f in run["metrics"] and f in other["metrics"]:
-                line = ahead(
-                    Score(**run["metrics"][f]),
-                    Score(**other["metrics"][f]),
-                    names=(run["label"], other["label"]),
-                    lower_is_better=f == "drift",
-                )
-                out.append(f"{f.replace('_', ' ')}: {line}")
-    return out
+    return [
+        f"{f.replace('_', ' ')}: {line}"
+        for (method, rank), run in by.items()
+        if method == "dora" and ("lora", rank) in by
+        for f, line in verdict_lines(
+            run["metrics"], by[("lora", rank)]["metrics"], (run["label"], by[("lora", rank)]["label"])
+        )
+    ]
 
 
 def metrics_table(runs: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
@@ -260,7 +249,7 @@ def metrics_table(runs: list[dict[str, Any]], metrics: dict[str, Any]) -> str:
         f"| model | subject fidelity ({rows[0][1]['embedding']}) | subject drawn | prompt fidelity ({kind}) | drift |",
         "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {label} | " + " | ".join(cell(m, f) for f in METRIC_FIELDS) + " |" for label, m in rows]
+    lines += [f"| {label} | " + " | ".join(cell(m, f) for f in METRICS) + " |" for label, m in rows]
     lines += [
         "",
         f"{rows[0][1]['eval_seeds']} sampling seeds per prompt, the same for every model; ± is the std over images.",

@@ -56,18 +56,9 @@ def subject_photos() -> list:
     """The sample subject's photos, centre-cropped square (what the judge and the metrics compare with)."""
     from PIL import Image
 
-    photos = [Image.open(p).convert("RGB") for p in sorted(SAMPLE_DATA.glob("*.jpg"))]
-    return [
-        im.crop(
-            (
-                (im.width - min(im.size)) // 2,
-                (im.height - min(im.size)) // 2,
-                (im.width + min(im.size)) // 2,
-                (im.height + min(im.size)) // 2,
-            )
-        )
-        for im in photos
-    ]
+    from .evaluation import square
+
+    return [square(Image.open(p)) for p in sorted(SAMPLE_DATA.glob("*.jpg"))]
 
 
 def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) -> dict[str, dict[str, Any]]:
@@ -76,8 +67,10 @@ def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) ->
     subject's photos and drift of the class prompt's images from the base model's (judge embeddings)."""
     from dataclasses import asdict
 
+    import torch
+
     from .formats import load_adapter, unload_adapter
-    from .metrics import JudgeEmbedder, drift, subject_fidelity
+    from .metrics import JudgeEmbedder, Score, drift, subject_fidelity
     from .world.evaluate import subject_presence
 
     embedder = JudgeEmbedder(judge)
@@ -92,13 +85,11 @@ def judge_models(pipe, judge, adapters: dict[str, Path | None], seeds: range) ->
         row["instance"], images = subject_presence(pipe, judge, PROMPT, seeds, steps=JUDGED_STEPS)
         row["subject_fidelity"] = asdict(subject_fidelity(embedder.embed_images(images), reference))
         if adapter is not None:  # the base model is not asked for the scenes: no claim is made about it
+            kept: list[float] = []  # prompt fidelity: the scenes kept, pooled over the scene prompts
             for prompt, scene in SCENE_PROMPTS.items():
-                row[scene], _ = subject_presence(pipe, judge, prompt, seeds, scene=scene, steps=JUDGED_STEPS)
-            kept = [row[scene]["scene"] for scene in SCENE_PROMPTS.values()]
-            n = len(seeds) * len(kept)
-            rate = sum(kept) / len(kept)  # prompt fidelity: the scenes kept, pooled, as a Score of 0/1 values
-            std = (n * rate * (1 - rate) / (n - 1)) ** 0.5 if n > 1 else 0.0
-            row["prompt_fidelity"] = {"mean": rate, "std": std, "n": n}
+                row[scene], images = subject_presence(pipe, judge, prompt, seeds, scene=scene, steps=JUDGED_STEPS)
+                kept += [float(r["scene"] == scene) for r in judge.read(images)]
+            row["prompt_fidelity"] = asdict(Score.of(torch.tensor(kept)))
         row["class"], class_images = subject_presence(pipe, judge, CLASS_PROMPT, seeds, steps=JUDGED_STEPS)
         class_emb = embedder.embed_images(class_images)
         base_class = class_emb if adapter is None else base_class

@@ -24,6 +24,23 @@ from .config import ConfigError
 DEFAULT_EVAL_SEED = 1000  # sampling seeds are DEFAULT_EVAL_SEED, +1, ... (apart from training seeds)
 
 
+METRICS = ("subject_fidelity", "subject_drawn", "prompt_fidelity", "drift")
+"""The scores an ``Evaluator`` gives, in table order."""
+LOWER_IS_BETTER = frozenset({"drift"})
+
+
+def verdict_lines(a: Mapping[str, Any], b: Mapping[str, Any], names: tuple[str, str]) -> list[tuple[str, str]]:
+    """``(metric, line)`` for every metric both score dicts hold: which is ahead and whether the gap exceeds
+    two standard errors (``metrics.ahead``). ``a`` and ``b`` map a metric to ``{"mean", "std", "n"}``."""
+    from .metrics import Score, ahead
+
+    return [
+        (f, ahead(Score(**a[f]), Score(**b[f]), names=names, lower_is_better=f in LOWER_IS_BETTER))
+        for f in METRICS
+        if f in a and f in b
+    ]
+
+
 def judge_of(model_dir: str | Path):
     """The toy world's judge shipped beside a model (``<model>/judge``), or None."""
     from .world.judge import CONFIG_NAME, Judge

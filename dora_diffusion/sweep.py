@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import METHODS, ConfigError
-from .evaluation import Evaluator, check_embedders
+from .evaluation import LOWER_IS_BETTER, METRICS, Evaluator, check_embedders, verdict_lines
 
 CELL_FILE = "cell.json"
-TABLE_FIELDS = ("subject_fidelity", "subject_drawn", "prompt_fidelity", "drift")
-LOWER_IS_BETTER = {"drift"}
+TABLE_FIELDS = METRICS
 
 
 @dataclass
@@ -262,24 +261,14 @@ def summarise(cells: list[dict[str, Any]], cfg: SweepConfig) -> list[dict[str, A
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """Per rank and field: DoRA against LoRA, and whether the gap exceeds the seed-to-seed spread."""
-    from .metrics import Score, ahead
-
-    out = []
+    """Per rank and metric: DoRA against LoRA, and whether the gap exceeds the seed-to-seed spread."""
     by = {(r["method"], r["rank"]): r for r in rows}
-    for (method, rank), row in by.items():
-        if method != "dora" or ("lora", rank) not in by:
-            continue
-        for f in TABLE_FIELDS:
-            if f in row and f in by[("lora", rank)]:
-                line = ahead(
-                    Score(**row[f]),
-                    Score(**by[("lora", rank)][f]),
-                    names=("DoRA", "LoRA"),
-                    lower_is_better=f in LOWER_IS_BETTER,
-                )
-                out.append(f"rank {rank}, {f.replace('_', ' ')}: {line}")
-    return out
+    return [
+        f"rank {rank}, {f.replace('_', ' ')}: {line}"
+        for (method, rank), row in by.items()
+        if method == "dora" and ("lora", rank) in by
+        for f, line in verdict_lines(row, by[("lora", rank)], ("DoRA", "LoRA"))
+    ]
 
 
 def _cell_text(value: Any, digits: int = 3) -> str:

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from helpers import free_port, load_app_module, write_adapter
+from helpers import SAMPLE, free_port, load_app_module, write_adapter
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -56,3 +56,14 @@ def served(tmp_path_factory, tiny_components, tiny_model):
             yield app, engine
         finally:
             app.close()
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A folder of the sample subject's first four files: three photos and one caption sidecar."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("data")
+    for p in sorted(SAMPLE.iterdir())[:4]:
+        shutil.copy(p, folder / p.name)
+    return str(folder)

@@ -14,22 +14,13 @@ from dora_diffusion.config import ConfigError, TrainConfig
 from dora_diffusion.full import FullTuningError, tune_layers, tuned_layers, tuned_parameter_count
 from dora_diffusion.inject import AdapterConfig, AdapterError, add_adapters, select_targets
 from dora_diffusion.train import train
-from helpers import SAMPLE
 
 ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    for p in sorted(SAMPLE.iterdir())[:4]:
-        shutil.copy(p, folder / p.name)
-    return str(folder)
-
-
-def config(tiny_model, data, output, **kw):
+def config(tiny_model, small_data, output, **kw):
     base = dict(
-        data=data,
+        data=small_data,
         prompt="a photo of sks toy",
         output=str(output),
         model=tiny_model,
@@ -62,10 +53,10 @@ def _layer_of(key: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_model, data, tmp_path_factory):
+def full_run(tiny_model, small_data, tmp_path_factory):
     """A full run with the text encoders, checkpointed at every step."""
     out = tmp_path_factory.mktemp("full") / "run"
-    result = train(config(tiny_model, data, out, train_text_encoder=True, checkpoint_steps=1))
+    result = train(config(tiny_model, small_data, out, train_text_encoder=True, checkpoint_steps=1))
     return out, result
 
 
@@ -122,7 +113,7 @@ def test_checkpoints_hold_the_tuned_layers_only(full_run, tiny_model):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(tiny_model, data, tmp_path):
+def test_resume_is_exact(tiny_model, small_data, tmp_path):
     """N steps, stop, resume for N more == 2N steps straight (accumulation, warm-up, the text encoders too)."""
     kw = dict(
         max_steps=4,
@@ -133,21 +124,23 @@ def test_resume_is_exact(tiny_model, data, tmp_path):
         lr_warmup_steps=1,
         cache_latents=False,
     )
-    straight = train(config(tiny_model, data, tmp_path / "straight", **kw))
-    stopped = train(config(tiny_model, data, tmp_path / "resumed", **kw), should_stop=lambda step, loss: step == 2)
+    straight = train(config(tiny_model, small_data, tmp_path / "straight", **kw))
+    stopped = train(
+        config(tiny_model, small_data, tmp_path / "resumed", **kw), should_stop=lambda step, loss: step == 2
+    )
     assert stopped.stopped and not (tmp_path / "resumed" / "unet").exists()
-    resumed = train(config(tiny_model, data, tmp_path / "resumed", resume="latest", **kw))
+    resumed = train(config(tiny_model, small_data, tmp_path / "resumed", resume="latest", **kw))
     assert resumed.final_loss == straight.final_loss
     for comp in ("unet", "text_encoder", "text_encoder_2"):
         a, b = (_component(r.output / comp, comp, own_folder=True).state_dict() for r in (straight, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
 
 
-def test_mixed_precision_keeps_the_frozen_weights_exact(tiny_model, data, tmp_path):
+def test_mixed_precision_keeps_the_frozen_weights_exact(tiny_model, small_data, tmp_path):
     """bf16 computes with a cast base; the tuned layers train in fp32, and the saved UNet's other weights are
     the base's own, not their bf16 roundings."""
     out = tmp_path / "bf16"
-    train(config(tiny_model, data, out, targets="attn", mixed_precision="bf16", max_steps=2))
+    train(config(tiny_model, small_data, out, targets="attn", mixed_precision="bf16", max_steps=2))
     base, tuned = _component(tiny_model, "unet").state_dict(), _component(out / "unet", own_folder=True).state_dict()
     targets = set(select_targets(_component(tiny_model, "unet"), "attn"))
     changed = {_layer_of(k) for k in base if not torch.equal(base[k], tuned[k])}
@@ -197,25 +190,25 @@ def test_export_writes_merged_only(full_run, tiny_model, tmp_path, capsys):
         export_adapter(unfinished, "merged-folder", tmp_path / "never")
 
 
-def test_adapter_options_are_refused_for_full(tiny_model, data, tmp_path):
+def test_adapter_options_are_refused_for_full(tiny_model, small_data, tmp_path):
     for bad, field in ((dict(dropout=0.1), "dropout"), (dict(policy="ff=magnitude"), "policy")):
         with pytest.raises(ConfigError, match=f"{field}: an adapter option; method 'full'"):
-            config(tiny_model, data, tmp_path, **bad)
+            config(tiny_model, small_data, tmp_path, **bad)
     with pytest.raises(ConfigError, match="norm_grad"):
-        config(tiny_model, data, tmp_path, norm_grad="exact")
+        config(tiny_model, small_data, tmp_path, norm_grad="exact")
     with pytest.raises(ConfigError, match="method: 'full' .* has no adapter"):
-        config(tiny_model, data, tmp_path).adapter_config()
+        config(tiny_model, small_data, tmp_path).adapter_config()
     with pytest.raises(ConfigError, match="method: must be one of lora, dora, magnitude, dvora, full"):
-        config(tiny_model, data, tmp_path, method="ft")
-    cfg = config(tiny_model, data, tmp_path / "x", targets="to_qq")  # a typo: refused when training starts
+        config(tiny_model, small_data, tmp_path, method="ft")
+    cfg = config(tiny_model, small_data, tmp_path / "x", targets="to_qq")  # a typo: refused when training starts
     with pytest.raises(AdapterError, match="'to_qq' matched no nn.Linear in UNet2DConditionModel"):
         train(cfg)
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_trains_full(tiny_model, data, tmp_path, capsys):
+def test_cli_trains_full(tiny_model, small_data, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["train", "--data", data, "--prompt", "a photo of sks toy", "--model", tiny_model, "--method", "full"]
+    args = ["train", "--data", small_data, "--prompt", "a photo of sks toy", "--model", tiny_model, "--method", "full"]
     args += ["--output", str(out), "--max-steps", "1", "--resolution", "64", "--report-to", "none"]
     args += ["--num-validation-images", "1", "--validation-inference-steps", "1", "--threads", "1"]
     assert main(args) == 0

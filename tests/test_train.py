@@ -19,16 +19,7 @@ from dora_diffusion.cli import main
 from dora_diffusion.config import ConfigError, TrainConfig
 from dora_diffusion.losses import diffusion_loss
 from dora_diffusion.train import batch_indices, encode_prompts, train
-from helpers import SAMPLE, free_port, unet_inputs
-
-
-@pytest.fixture(scope="session")
-def small_data(tmp_path_factory):
-    """Three sample images (one with a caption sidecar)."""
-    folder = tmp_path_factory.mktemp("data")
-    for p in sorted(SAMPLE.iterdir())[:4]:
-        shutil.copy(p, folder / p.name)
-    return str(folder)
+from helpers import free_port, unet_inputs
 
 
 def quick(tiny_model, small_data, output, **kw):

@@ -13,11 +13,7 @@ from typing import Any
 from .. import runs
 from .errors import EngineError
 
-FIELDS = (
-    ("subject_fidelity", "subject fidelity", False),
-    ("subject_drawn", "subject drawn", False),
-    ("drift", "drift from the base", True),
-)
+NAMES = {"subject_fidelity": "subject fidelity", "subject_drawn": "subject drawn", "drift": "drift from the base"}
 
 
 def training_data(adapter: Path) -> Path:
@@ -42,8 +38,7 @@ def score_columns(
     dino: str | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Scores of the base and of each adapter (label -> scores), and the Markdown shown under the images."""
-    from ..evaluation import Evaluator, check_embedders
-    from ..metrics import Score, ahead
+    from ..evaluation import METRICS, Evaluator, check_embedders, verdict_lines
 
     check_embedders(model_dir, dino, None, prompt_fidelity=False)
     if not adapters:
@@ -63,12 +58,12 @@ def score_columns(
     scores = {"base": ev.evaluate(None)}
     for label, path in adapters.items():
         scores[label] = ev.evaluate(path)
-    fields = [f for f, _, _ in FIELDS if any(f in s for s in scores.values())]
+    fields = [f for f in METRICS if f in NAMES and any(f in s for s in scores.values())]
     lines = [
         f"**Measured** on {eval_seeds} seeds ({ev.embedding} embedding; subject photos: `{data.name}`): "
         f"'{prompt}' for the subject, '{class_prompt}' for drift.",
         "",
-        "| | " + " | ".join(next(n for f2, n, _ in FIELDS if f2 == f) for f in fields) + " |",
+        "| | " + " | ".join(NAMES[f] for f in fields) + " |",
         "|---|" + "---:|" * len(fields),
     ]
     for label, s in scores.items():
@@ -76,13 +71,6 @@ def score_columns(
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if "LoRA" in scores and "DoRA" in scores:
         lines.append("")
-        for f, name, lower in FIELDS:
-            if f in scores["LoRA"] and f in scores["DoRA"]:
-                verdict = ahead(
-                    Score(**scores["DoRA"][f]),
-                    Score(**scores["LoRA"][f]),
-                    names=("DoRA", "LoRA"),
-                    lower_is_better=lower,
-                )
-                lines.append(f"- {name}: {verdict}")
+        verdicts = verdict_lines(scores["DoRA"], scores["LoRA"], ("DoRA", "LoRA"))
+        lines += [f"- {NAMES[f]}: {line}" for f, line in verdicts if f in NAMES]
     return scores, "\n".join(lines)
