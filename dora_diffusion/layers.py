@@ -69,13 +69,36 @@ def row_norm(
     Its rounding error is on ``n²``, relative to ``‖W0_i‖² + ‖sBA_i‖²``: only a row that nearly
     cancels (``n ≪ ‖W0_i‖``, far from DoRA's regime, where ``n`` stays near ``‖W0_i‖``) loses digits.
     """
-    a = acc(lora_a)
-    b = acc(lora_b)
     if w0_sq is None:
         w0_sq = squared_row_norm(w0)
+    return row_norm_from_cross(w0_times_at(w0, lora_a), lora_a, lora_b, scale, w0_sq)
+
+
+def _reads_in_own_dtype(w0: torch.Tensor) -> bool:
+    """Whether ``W0·Aᵀ`` runs in ``W0``'s half dtype: bf16 anywhere, fp16 where its GEMM is native (CUDA)."""
+    return w0.dtype == torch.bfloat16 or (w0.dtype == torch.float16 and w0.device.type == "cuda")
+
+
+def w0_times_at(w0: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """``W0·Aᵀ: [out, r]``, the norm's one read of ``W0``. A half-precision ``W0`` is read as it is (its GEMM
+    accumulates in fp32; only ``A`` and the ``[out, r]`` result are rounded to its dtype, an error on the
+    cross term alone, ~``2⁻⁸`` of a term that is itself small next to ``‖W0_i‖²``): casting ``W0`` to fp32
+    first writes and reads a copy twice its size, every step, of every adapted weight (on SDXL's UNet,
+    ~0.4 s of a 5 s CPU step at 256 px)."""
+    if _reads_in_own_dtype(w0):
+        return (lora_a.to(w0.dtype) @ w0.T).T
+    a = acc(lora_a)
+    return (a @ w0.to(a.dtype).T).T  # this order is the faster GEMM on CPU
+
+
+def row_norm_from_cross(
+    w0_at: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, w0_sq: torch.Tensor
+) -> torch.Tensor:
+    """``row_norm`` given ``W0·Aᵀ: [out, r]`` (from ``w0_times_at``, or from the layer's own forward GEMM)."""
+    a = acc(lora_a)
+    b = acc(lora_b)
     # 2s·⟨B_i, (W0·Aᵀ)_i⟩ + s²·B_i·G·B_iᵀ = 2s·⟨B_i, (W0·Aᵀ + (s/2)·B·G)_i⟩ with G = A·Aᵀ: one addmm
-    w0_at = (a @ w0.to(a.dtype).T).T  # W0·Aᵀ  [out, r] (this order is the faster GEMM on CPU)
-    p = torch.addmm(w0_at, b, a @ a.T, alpha=scale / 2)  # [out, r]
+    p = torch.addmm(w0_at.to(a.dtype), b, a @ a.T, alpha=scale / 2)  # [out, r]
     n_sq = torch.add(w0_sq, (b * p).sum(dim=1), alpha=2.0 * scale)  # [out]
     return n_sq.clamp_min_(EPS).sqrt_()
 
@@ -198,19 +221,27 @@ def _dora_output(
     lora_a: torch.Tensor,
     gbs: torch.Tensor,
     g: torch.Tensor,
+    z0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, A·h)`` with ``y = g ⊙ (W0·x + s·B·A·h) + bias`` for 2-D ``x2, h2: [t, in]``, written to
     touch the ``[t, out]`` output as few times as possible: ``g`` is folded into ``W0``'s rows (when
     that ``[out, in]`` pass is smaller than a ``[t, out]`` one) or applied in one pass together with
     the bias, and the low-rank term is accumulated into ``y`` by the GEMM itself (``addmm_``), with
-    ``s·g`` folded into ``B``: ``gbs = s·g ⊙ B  [out, r]``. The low-rank product runs in the adapter's dtype."""
-    if x2.shape[0] > w0.shape[1]:
+    ``s·g`` folded into ``B``: ``gbs = s·g ⊙ B  [out, r]``. The low-rank product runs in the adapter's dtype.
+    ``z0 = W0·x`` when the caller has it (``_dora_forward``'s shared GEMM)."""
+    if z0 is None and folds(x2, w0):
         y = F.linear(x2, w0 * g.unsqueeze(1), bias)
     else:
-        y = torch.mm(x2, w0.t())
+        y = torch.mm(x2, w0.t()) if z0 is None else z0
         y = torch.addcmul(bias, y, g) if bias is not None else y.mul_(g)
     ax = torch.mm(h2 if h2.dtype == lora_a.dtype else h2.to(lora_a.dtype), lora_a.t())  # [t, r]
     return _add_low_rank(y, ax, gbs), ax
+
+
+def folds(x2: torch.Tensor, w0: torch.Tensor) -> bool:
+    """Whether the layer folds ``g`` into ``W0``'s rows (more tokens than input features) rather than
+    scaling its output; where it does not, the norm can share the forward's GEMM (``_dora_forward``)."""
+    return x2.shape[0] > w0.shape[1]
 
 
 def _dora_scales(magnitude: torch.Tensor, norm: torch.Tensor, lora_b: torch.Tensor, scale: float, dtype: torch.dtype):
@@ -222,13 +253,23 @@ def _dora_scales(magnitude: torch.Tensor, norm: torch.Tensor, lora_b: torch.Tens
     return (g32 if g32.dtype == dtype else g32.to(dtype)), gs, lora_b * gs.unsqueeze(1)
 
 
-def _dora_forward(x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float):
-    """``(y, A·h, g, s·g)`` for ``x, h: [..., in]`` (``h = None``: no dropout, ``h = x``); ``y: [..., out]``."""
+def _dora_forward(x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float, norm_of=None):
+    """``(y, A·h, g, s·g, n)`` for ``x, h: [..., in]`` (``h = None``: no dropout, ``h = x``); ``y: [..., out]``.
+
+    ``norm = None``: the norm is not known yet (the first forward after an optimizer step) and the layer
+    does not fold (``folds``): then ``W0·x`` and ``W0·Aᵀ`` come from ONE GEMM, ``[x; A]·W0ᵀ``, so the norm
+    costs no read of ``W0`` of its own, and ``n = norm_of(W0·Aᵀ)`` (``row_norm_from_cross``)."""
     out_f, in_f = w0.shape
     x2 = x.reshape(-1, in_f)
+    z0 = None
+    if norm is None:
+        t = x2.shape[0]
+        za = torch.mm(torch.cat([x2, lora_a.to(x2.dtype)]), w0.t())  # [t + r, out]
+        z0 = za[:t]
+        norm = norm_of(za[t:].t())
     g, gs, gbs = _dora_scales(magnitude, norm, lora_b, scale, x.dtype)
-    y, ax = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, gbs, g)
-    return y.view(*x.shape[:-1], out_f), ax, g, gs
+    y, ax = _dora_output(x2, x2 if h is None else h.reshape(-1, in_f), w0, bias, lora_a, gbs, g, z0)
+    return y.view(*x.shape[:-1], out_f), ax, g, gs, norm
 
 
 class _DoRAFunction(torch.autograd.Function):
@@ -251,8 +292,9 @@ class _DoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float, save_output: bool):
-        y, ax, g, gs = _dora_forward(x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale)
+    def forward(ctx, x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale: float, save_output: bool, norm_of, out):
+        y, ax, g, gs, norm = _dora_forward(x, h, w0, bias, lora_a, lora_b, magnitude, norm, scale, norm_of)
+        out.append(norm)  # to the caller's cache (a norm computed here, by the shared GEMM)
         # g and s·g are [out]; s·g ⊙ B ([out, r]) is one multiply to redo in backward
         ctx.save_for_backward(x, h, ax, w0, bias, lora_a, lora_b, magnitude, norm, g, gs, y if save_output else None)
         ctx.scale = scale
@@ -294,7 +336,7 @@ class _DoRAFunction(torch.autograd.Function):
             dB = torch.mm(dy_a.t(), ax).mul_(gs.unsqueeze(1))
         if need[2]:
             raise RuntimeError("DoRA's fused layer keeps the base weight frozen")
-        return dx, dh, None, db, da, dB, dm, None, None, None
+        return dx, dh, None, db, da, dB, dm, None, None, None, None, None
 
 
 class NormCache:
@@ -306,13 +348,24 @@ class NormCache:
         self.key: tuple | None = None
         self.value: torch.Tensor | None = None
 
+    @staticmethod
+    def key_of(tensors, extra: tuple) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors) + extra
+
     def get(self, tensors, extra: tuple, compute) -> torch.Tensor:
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors) + extra
+        key = self.key_of(tensors, extra)
         if key != self.key:
             with torch.no_grad():
                 self.value = compute()
             self.key = key
         return self.value
+
+    def peek(self, key: tuple) -> torch.Tensor | None:
+        """The value if it is still valid for ``key`` (``key_of``), else ``None``."""
+        return self.value if key == self.key else None
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        self.key, self.value = key, value
 
 
 def _check_rank(base: nn.Linear, rank: int) -> None:
@@ -496,6 +549,14 @@ class DoRALinear(LoRALinear):
         self.w0_sq = self._w0_cache.get((self.base.weight,), (), lambda: squared_row_norm(self.base.weight))
         return self.w0_sq
 
+    def _norm_key(self) -> tuple:
+        return NormCache.key_of((self.base.weight, *self._direction_tensors()), (self.scaling,))
+
+    def _norm_of(self, w0_at: torch.Tensor) -> torch.Tensor:
+        """The norm from ``W0·Aᵀ`` (computed by the caller), under ``no_grad``."""
+        with torch.no_grad():
+            return row_norm_from_cross(w0_at, self.lora_A, self.lora_B, self.scaling, self._w0_sq())
+
     def weight_norm(self) -> torch.Tensor:
         """``n = ‖W0 + s·B·A‖_row`` ([out], fp32). Detached mode: cached on the version counters."""
         if torch.compiler.is_compiling():
@@ -512,8 +573,8 @@ class DoRALinear(LoRALinear):
         )
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.weight_norm()
         if self.norm_grad == "exact":  # gradient through m / n by autograd (paper Eq. 6)
+            n = self.weight_norm()
             z = F.linear(x, self.base.weight) + self.lora_forward(x)  # W0·x + s·B·A·x, one base matmul
             g = (acc(self.magnitude) / n).to(z.dtype)
             return z * g + self.base.bias.to(z.dtype) if self.base.bias is not None else z * g
@@ -526,12 +587,35 @@ class DoRALinear(LoRALinear):
             w0 = w0.to(x.dtype)
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        # The first forward after a step computes the norm; where the layer does not fold g into W0
+        # (fewer tokens than input features), W0·Aᵀ rides on the forward's own GEMM (``_dora_forward``).
+        key = None if torch.compiler.is_compiling() else self._norm_key()
+        n = None if key is None else self._norm_cache.peek(key)
+        if n is None and (key is None or folds(x.reshape(-1, w0.shape[1]), w0)):
+            n = self.weight_norm()
         h = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+        computed: list[torch.Tensor] = []
         if torch.is_grad_enabled():
-            return _DoRAFunction.apply(
-                x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling, self.magnitude_grad != "recompute"
+            y = _DoRAFunction.apply(
+                x,
+                h,
+                w0,
+                bias,
+                lora_a,
+                lora_b,
+                self.magnitude,
+                n,
+                self.scaling,
+                self.magnitude_grad != "recompute",
+                self._norm_of,
+                computed,
             )
-        return _dora_forward(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling)[0]
+        else:
+            y, *_, norm = _dora_forward(x, h, w0, bias, lora_a, lora_b, self.magnitude, n, self.scaling, self._norm_of)
+            computed.append(norm)
+        if n is None:
+            self._norm_cache.put(key, computed[0])
+        return y
 
     def adapted_weight(self) -> torch.Tensor:
         return merged_weight(self.base.weight, self.lora_A, self.lora_B, self.scaling, self.magnitude)
