@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 LOCK := requirements.lock
 LATEST_VENV := .venv-latest
 
-.PHONY: setup lock lint format test test-latest test-fast demo app screenshots bench bench-full clean
+.PHONY: setup lock lint format test test-latest test-fast demo app screenshots bench bench-cpu-full bench-full clean
 
 setup: $(VENV)/.installed
 
@@ -72,6 +72,9 @@ screenshots: setup  ## README screenshots of the app (needs chromium; after `mak
 
 bench: setup  ## CPU benchmark: training step time and peak memory, medium SDXL-shaped UNet
 	$(PY) benchmarks/bench_adapters.py --size medium --out benchmarks/results/cpu-medium.json
+
+bench-cpu-full: setup  ## the full-size SDXL UNet on the CPU at 256 and 512 px: training step, memory, sampling (~15 min, 2 cores)
+	$(PY) benchmarks/full_cpu.py --out-dir benchmarks/results
 
 bench-full: setup  ## the full-size SDXL UNet (needs a CUDA GPU)
 	$(PY) benchmarks/bench_adapters.py --size full --device cuda --dtype bfloat16 --resolution 1024 --out benchmarks/results/gpu-full.json

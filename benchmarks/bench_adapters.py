@@ -47,7 +47,8 @@ import time
 from pathlib import Path
 
 VARIANTS = ("ours-lora", "ours-dora", "peft-lora", "peft-dora")
-EXTRA_VARIANTS = ("ours-dora-keep",)  # on request: DoRA keeping residual-tail outputs (memory_saving=False)
+# on request: DoRA keeping residual-tail outputs (memory_saving=False); DoRA with the norm's gradient (paper Eq. 6)
+EXTRA_VARIANTS = ("ours-dora-keep", "ours-dora-exact")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FULL_CONFIG = REPO_ROOT.parent / "shared" / "sdxl" / "unet_config.json"
@@ -126,7 +127,7 @@ def build_variant(unet, variant: str, rank: int, alpha: float):
     """Add the variant's adapters; return the list of trainable parameters."""
     import torch
 
-    family, method, *options = variant.split("-")  # ours-dora-keep: DoRA with memory_saving=False
+    family, method, *options = variant.split("-")  # ours-dora-keep / -exact: see EXTRA_VARIANTS
     unet.requires_grad_(False)
     if family == "ours":
         from dora_diffusion import AdapterConfig, adapter_parameters, add_adapters
@@ -134,7 +135,12 @@ def build_variant(unet, variant: str, rank: int, alpha: float):
         add_adapters(
             unet,
             AdapterConfig(
-                method=method, rank=rank, alpha=alpha, targets=list(TARGETS), memory_saving="keep" not in options
+                method=method,
+                rank=rank,
+                alpha=alpha,
+                targets=list(TARGETS),
+                memory_saving="keep" not in options,
+                norm_grad="exact" if "exact" in options else "detach",
             ),
         )
         params = adapter_parameters(unet)
@@ -169,6 +175,32 @@ def build_variant(unet, variant: str, rank: int, alpha: float):
     return params
 
 
+def _fast_random_unet(ucfg: dict, device, dtype):
+    """The UNet built without its initialisers (on the meta device), then filled with N(0, 1/fan_in) weights
+    and zero biases: the same shapes and dtypes in a fraction of the time (the full UNet's own init takes
+    ~80 s on one CPU core). For timing and memory only: the values do not matter there, their scale little."""
+    import math
+
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(ucfg)
+    unet.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=g)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    assert all(p.dtype == dtype for p in unet.parameters())
+    return unet
+
+
 class Setup:
     """One variant ready to train: UNet with adapters, optimizer, inputs, and its ``step``."""
 
@@ -189,8 +221,11 @@ class Setup:
         try:
             # built in place and in the base dtype (the full UNet is 2.6 B parameters; no .to() afterwards,
             # on which diffusers warns)
-            with torch.device(device):
-                unet = UNet2DConditionModel.from_config(ucfg)
+            if cfg.get("init") == "fast":
+                unet = _fast_random_unet(ucfg, device, dtype)
+            else:
+                with torch.device(device):
+                    unet = UNet2DConditionModel.from_config(ucfg)
         finally:
             torch.set_default_dtype(default_dtype)
         if cfg["gradient_checkpointing"]:
@@ -408,6 +443,7 @@ def in_process(cfg: dict) -> list[dict]:
                 rec[(v, k)][1].append(dc)
                 rec[(v, k)] = (rec[(v, k)][0], rec[(v, k)][1], loss)
     saved = {v: su.saved_activation_bytes() for v, su in setups.items()}
+    profiles = {v: profile_step(su) for v, su in setups.items()} if cfg.get("profile") else {}
     runs = []
     for (v, k), (times, cpu, loss) in rec.items():
         runs.append(
@@ -425,9 +461,24 @@ def in_process(cfg: dict) -> list[dict]:
                 "saved_activation_bytes": saved[v][0],
                 "saved_tensors": saved[v][1],
                 "code": code_fingerprint(),
+                **({"profile": profiles[v]} if v in profiles and k == 0 else {}),
             }
         )
     return runs
+
+
+def profile_step(su: Setup) -> dict:
+    """One more step under ``torch.profiler``: self CPU time per op (ms), the ops over 0.2% of the step,
+    and the step's total. What differs between two variants' tables is where the difference goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    su.timed_step()  # a step outside the profiler first: the norm cache in its steady state
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        su.timed_step()
+    ops = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    total = sum(ms for ms, _ in ops.values())
+    kept = {k: {"self_ms": round(ms, 2), "calls": n} for k, (ms, n) in ops.items() if ms >= 0.002 * total}
+    return {"total_self_ms": round(total, 1), "ops": dict(sorted(kept.items(), key=lambda kv: -kv[1]["self_ms"]))}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,6 +489,20 @@ def in_process(cfg: dict) -> list[dict]:
 def _median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU features the bf16 GEMMs depend on (AMX tiles, AVX-512 bf16), as /proc/cpuinfo lists them."""
+    wanted = ("amx_bf16", "amx_tile", "amx_fp16", "avx512_bf16", "avx512f", "avx512_vnni", "avx2")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
 
 
 def machine_info(device: str) -> dict:
@@ -454,6 +519,8 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
+        "threads_torch": torch.get_num_threads(),
+        "cpu_flags": _cpu_flags(),
     }
     try:
         import transformers
@@ -647,6 +714,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
+        "--init",
+        choices=("default", "fast"),
+        default=None,
+        help="weights: the UNet's own initialisers, or N(0, 1/fan_in) filled after a meta-device build "
+        "(default: fast for --size full, whose own init takes minutes on a CPU)",
+    )
+    p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help="comma-separated subset of " + ", ".join(VARIANTS + EXTRA_VARIANTS),
@@ -665,6 +739,11 @@ def parse_args(argv=None):
         action="store_true",
         help="all variants in one process, alternating step by step: stable step-time ratios on a "
         "busy machine; no per-variant peak memory (saved activations still)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with --in-process: one more step of each variant under torch.profiler, its op table in the JSON",
     )
     p.add_argument(
         "--resummarize",
@@ -734,9 +813,11 @@ def main(argv=None) -> int:
         "warmup": args.warmup if args.warmup is not None else (3 if cuda else 1),
         "repeats": args.repeats,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "init": args.init or ("fast" if args.size == "full" else "default"),
         "threads": threads,
         "seed": args.seed,
         "variants": args.variants,
+        "profile": args.profile,
         "optimizer": "AdamW(lr=1e-4)",
         "loss": "MSE(unet(noisy latents, t, text states, time ids), random target)",
         "mode": "in-process, variants alternating step by step"

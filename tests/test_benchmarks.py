@@ -1,0 +1,73 @@
+"""The benchmark scripts run, measure what they say and report it (tiny UNet, a step or two: no timing
+is asserted, only that the measurement is of the right thing)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _run(args, tmp_path):
+    out = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_sampling_benchmark_times_equal_outputs(tmp_path):
+    out = tmp_path / "s.json"
+    _run(
+        [BENCH / "bench_sampling.py", "--size", "tiny", "--resolution", "64", "--threads", "1", "--dtype", "float32"]
+        + ["--rounds", "1", "--out", out],
+        tmp_path,
+    )
+    r = json.loads(out.read_text())
+    check = r["outputs_relative_to_mean_abs"]
+    # merged DoRA computes what unmerged DoRA does (fp32 here), and the adapter is not the identity
+    assert check["merged_vs_unmerged_mean_abs"] < 1e-4 * check["adapter_vs_base_mean_abs"]
+    assert check["adapter_vs_base_mean_abs"] > 1e-3
+    assert set(r["median_step_s"]) == {"base", "lora", "dora", "dora-merged", "base (phase 2)"}
+    assert r["machine"]["cpu_flags"] is not None and "torch" in r["machine"]
+
+
+@pytest.mark.parametrize("init", ["default", "fast"])
+def test_training_benchmark_profiles_and_variants(tmp_path, init):
+    out = tmp_path / "t.json"
+    _run(
+        [BENCH / "bench_adapters.py", "--size", "tiny", "--in-process", "--profile", "--steps", "1"]
+        + ["--repeats", "1", "--threads", "1", "--init", init, "--variants", "ours-lora,ours-dora,ours-dora-exact"]
+        + ["--out", out],
+        tmp_path,
+    )
+    r = json.loads(out.read_text())
+    assert r["config"]["init"] == init
+    prof = {x["variant"]: x["profile"] for x in r["runs"]}
+    assert "_DoRAFunction" in prof["ours-dora"]["ops"] and "_DoRAFunction" not in prof["ours-lora"]["ops"]
+    assert "_DoRAFunction" not in prof["ours-dora-exact"]["ops"]  # Eq. 6 runs through autograd's graph
+    loss = {x["variant"]: x["loss"] for x in r["runs"]}
+    assert all(v == v and v < 1e3 for v in loss.values()), loss  # finite: the fast init is a working net
+
+
+def test_full_cpu_summary_from_results(tmp_path):
+    """The summary table comes from the runs' JSON: two in-process pairs give the three ratios."""
+    for name, pair in (("ours", "ours-lora,ours-dora"), ("peft", "ours-lora,peft-dora")):
+        _run(
+            [BENCH / "bench_adapters.py", "--size", "tiny", "--in-process", "--steps", "1", "--repeats", "1"]
+            + ["--threads", "1", "--variants", pair, "--out", tmp_path / f"cpu-full-64-{name}.json"]
+            + ["--resolution", "64"],
+            tmp_path,
+        )
+    text = _run([BENCH / "full_cpu.py", "--summarize-only", "--out-dir", tmp_path], tmp_path)
+    s = json.loads((tmp_path / "cpu-full-summary.json").read_text())
+    row = s["training"][0]
+    ours = json.loads((tmp_path / "cpu-full-64-ours.json").read_text())["variants"]
+    assert row["ours_dora/ours_lora"] == pytest.approx(
+        ours["ours-dora"]["median_step_s"] / ours["ours-lora"]["median_step_s"]
+    )
+    assert row["peft_dora/ours_dora"] == pytest.approx(row["peft_dora/ours_lora"] / row["ours_dora/ours_lora"])
+    assert "| 64 px (8²) |" in text
