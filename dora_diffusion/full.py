@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inject import FULL as FULL  # the method name, owned with the other methods
 from .inject import AdapterError, select_targets
 
-FULL = "full"
 MERGED_FORMATS = ("merged-folder", "merged-single")
 TUNED_PARAMS = ("weight", "bias")
 
