@@ -29,7 +29,7 @@ instance_prompt: {config.prompt!r}
 def _training_rows(config: TrainConfig, resolution: int, trainable_parameters: int) -> str:
     """The table rows every card has, after its method row(s)."""
     steps = f"{config.max_steps} / {config.batch_size}×{config.gradient_accumulation}"
-    return f"""| targets | `{config.targets}`{" + both text encoders" if config.train_text_encoder else ""} |
+    return f"""| targets | `{config.adapter.targets}`{" + both text encoders" if config.train_text_encoder else ""} |
 | trainable parameters | {trainable_parameters:,} |
 | steps / batch / lr | {steps} / {config.learning_rate:g} ({config.lr_schedule}) |
 | resolution | {resolution} |
@@ -50,18 +50,18 @@ BASE_LABEL = "tiny-sdxl (the embedded test model of dora-diffusion)"
 def model_card(
     config: TrainConfig, *, resolution: int, trainable_parameters: int, images: list[Path], output: Path
 ) -> str:
-    if config.method == FULL:
+    if config.adapter.method == FULL:
         return full_model_card(
             config, resolution=resolution, trainable_parameters=trainable_parameters, images=images, output=output
         )
     base = config.model or BASE_LABEL
     method = {"lora": "LoRA", "dora": "DoRA", "magnitude": "DoRA magnitude-only", "dvora": "DVoRA (DoRA + VeRA)"}.get(
-        config.method, config.method
+        config.adapter.method, config.adapter.method
     )
     gallery = _gallery(config, images, output)
     load_from = config.model or "PATH/TO/BASE/MODEL"
     comfyui = runs.comfyui_file(output).relative_to(output).as_posix()
-    return f"""{_front_matter(config, config.method)}
+    return f"""{_front_matter(config, config.adapter.method)}
 
 # {method} adapter for SDXL: `{config.prompt}`
 
@@ -69,8 +69,8 @@ Trained with [dora-diffusion](https://pypi.org/project/dora-diffusion/) on {base
 
 | | |
 |---|---|
-| method | {method} (`{config.method}`) |
-| rank / alpha | {config.rank} / {config.alpha if config.alpha is not None else config.rank} |
+| method | {method} (`{config.adapter.method}`) |
+| rank / alpha | {config.adapter.rank} / {config.adapter.alpha if config.adapter.alpha is not None else config.adapter.rank} |
 {_training_rows(config, resolution, trainable_parameters)}
 
 {gallery}

@@ -138,11 +138,13 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), runs.rng_file(tmp, accelerator.process_index))
     if accelerator.is_main_process:
-        trained = {c: trainable_state_dict(accelerator.unwrap_model(m), config.method) for c, m in modules.items()}
-        runs.write_checkpoint_tensors(tmp / checkpoint_weights_name(config.method), trained)
+        trained = {
+            c: trainable_state_dict(accelerator.unwrap_model(m), config.adapter.method) for c, m in modules.items()
+        }
+        runs.write_checkpoint_tensors(tmp / checkpoint_weights_name(config.adapter.method), trained)
         torch.save(optimizer.state_dict(), tmp / runs.OPTIMIZER_NAME)
         torch.save(lr_scheduler.state_dict(), tmp / runs.SCHEDULER_NAME)
-        runs.write_checkpoint_state(tmp, step, config.to_dict())  # last: a folder with it is complete
+        runs.write_checkpoint_state(tmp, step, config.to_flat())  # last: a folder with it is complete
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -158,15 +160,15 @@ def save_checkpoint(
 def load_checkpoint(accelerator, path: Path, modules: dict, optimizer, lr_scheduler, config: TrainConfig) -> int:
     """Restore a checkpoint written by ``save_checkpoint``; returns its step."""
     state = runs.read_checkpoint_state(path)
-    saved = state["config"]
+    saved, given = state["config"], config.to_flat()
     for key in ("method", "rank", "alpha", "targets", "train_text_encoder", "model"):
-        if saved.get(key) != getattr(config, key):
+        if saved.get(key) != given[key]:
             raise ConfigError(
-                f"resume: {key} is {getattr(config, key)!r} but checkpoint {path} was trained with {saved.get(key)!r}"
+                f"resume: {key} is {given[key]!r} but checkpoint {path} was trained with {saved.get(key)!r}"
             )
-    adapter = path / checkpoint_weights_name(config.method)
+    adapter = path / checkpoint_weights_name(config.adapter.method)
     by_component = runs.read_checkpoint_tensors(adapter)
-    load = load_tuned_state_dict if config.method == FULL else load_adapter_state_dict
+    load = load_tuned_state_dict if config.adapter.method == FULL else load_adapter_state_dict
     for comp, module in modules.items():
         load(accelerator.unwrap_model(module), by_component.get(comp, {}), source=f"{adapter} ({comp})")
     # Our own files, loaded without unpickling code (weights_only).

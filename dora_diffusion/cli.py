@@ -11,7 +11,7 @@ from .cli_commands import COMMANDS, set_threads
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import config_from_args
+    from .config_args import config_from_args
     from .train import train
 
     config = config_from_args(args)

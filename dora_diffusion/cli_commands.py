@@ -158,7 +158,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import CompareConfig, compare
-    from .config import ConfigError, config_from_args
+    from .config import ConfigError
+    from .config_args import config_from_args
 
     train_cfg = config_from_args(args)
     set_threads(args, train_cfg.model)

@@ -41,7 +41,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
     """The ``dora-diffusion`` parser; each subcommand's ``func`` is ``handlers[name]`` (``train``, ``tiny_model``,
     ...: the handler's name)."""
-    from .config import add_config_arguments
+    from .config_args import add_config_arguments
 
     parser = argparse.ArgumentParser(
         prog="dora-diffusion",

@@ -168,7 +168,7 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
         run["delta_d_delta_m_correlation"] = analysis.get("by_run", {}).get(Path(run["output"]).name, {}).get("pearson")
     summary = {
         "settings": {
-            **cfg.train.to_dict(),
+            **cfg.train.to_flat(),
             "methods": cfg.methods,
             "ranks": cfg.ranks,
             "validation_prompts": cfg.validation_prompts,

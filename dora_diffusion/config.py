@@ -1,22 +1,20 @@
-"""The training configuration: one typed, documented, validated dataclass.
+"""The training configuration: one typed, documented, validated dataclass, the adapter's nested in it.
 
-Every field is a CLI option (``--learning-rate`` for ``learning_rate``) and a key of a TOML/YAML config
-file (``--config run.toml``); options given on the command line win over the file. The resolved
-config is written next to every run's output as ``training_config.json``.
+Every option is a CLI flag (``--learning-rate`` for ``learning_rate``) and a key of a TOML/YAML config
+file (``--config run.toml``, read by ``config_args``); options given on the command line win over the file.
+The options are flat: the adapter's (``method``, ``rank``, ...) sit beside the run's, as ``to_flat`` writes
+them and ``TrainConfig(**options)`` reads them; ``AdapterConfig`` holds and checks the adapter's. The
+resolved config is written next to every run's output as ``training_config.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NamedTuple, get_args
 
-from .full import FULL
-from .inject import METHODS, PRESETS, AdapterConfig, target_patterns
+from .inject import FULL, PRESETS, TRAIN_METHODS, AdapterConfig, AdapterError, format_policy
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -24,7 +22,6 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-TRAIN_METHODS = (*METHODS, FULL)  # the adapters, and full fine-tuning of the targeted layers
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -32,20 +29,75 @@ class ConfigError(ValueError):
     """A bad training option; the message names the field."""
 
 
-def parse_policy(text: str | None) -> dict[str, str] | None:
-    """``"ff=magnitude, attn2.to_k=lora"`` -> ``{"ff": "magnitude", "attn2.to_k": "lora"}``."""
-    if not text:
-        return None
-    policy = {}
-    for part in text.split(","):
-        key, sep, method = part.partition("=")
-        if not sep or not key.strip() or not method.strip():
-            raise ConfigError(f"policy: expected GROUP=METHOD pairs separated by commas, got {part.strip()!r}")
-        policy[key.strip()] = method.strip()
-    return policy
+class Option(NamedTuple):
+    """One flat option: a ``--flag`` of the CLI, a key of config files and of ``training_config.json``."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    group: str
+    choices: tuple[str, ...] | None = None
 
 
-@dataclass
+_ADAPTER_DEFAULTS = {f.name: f.default for f in fields(AdapterConfig)}
+
+
+def _adapter_option(name: str, type: type, help: str, choices: tuple[str, ...] | None = None) -> Option:
+    return Option(name, type, _ADAPTER_DEFAULTS[name], help, "adapter", choices)
+
+
+# The adapter's options as the CLI and the config files spell them; ``AdapterConfig`` holds and checks them.
+ADAPTER_OPTIONS = (
+    _adapter_option(
+        "method",
+        str,
+        "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) "
+        "or 'dvora' (magnitude + VeRA direction); or 'full': no adapter, the targeted layers themselves are "
+        "trained (full fine-tuning, the DoRA paper's FT baseline; writes <output>/unet).",
+        TRAIN_METHODS,
+    ),
+    _adapter_option("rank", int, "Rank of the low-rank update (not used by full)."),
+    _adapter_option(
+        "alpha", float, "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank. Not used by full."
+    ),
+    _adapter_option(
+        "targets",
+        str,
+        f"Layers to adapt (full: to train): a preset ({', '.join(PRESETS)}) or comma-separated whole module names.",
+    ),
+    _adapter_option(
+        "policy",
+        str,
+        "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, "
+        "magnitude only on feed-forward). Groups: attn, ff, or whole module names. Not with full.",
+    ),
+    _adapter_option("dropout", float, "Dropout on the adapter input (not with full)."),
+    _adapter_option(
+        "norm_grad",
+        str,
+        "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient (not with full).",
+        ("detach", "exact"),
+    ),
+    _adapter_option(
+        "memory_saving",
+        bool,
+        "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~4% slower on CPU); "
+        "--no-memory-saving keeps them.",
+    ),
+)
+ADAPTER_NAMES = tuple(o.name for o in ADAPTER_OPTIONS)
+
+
+def _with_options(adapter: AdapterConfig, options: Mapping[str, Any]) -> AdapterConfig:
+    """``adapter`` with the flat adapter ``options`` changed (checked by ``AdapterConfig``)."""
+    try:
+        return dataclasses.replace(adapter, **options)
+    except AdapterError as e:
+        raise ConfigError(str(e)) from None
+
+
+@dataclass(init=False)
 class TrainConfig:
     """Everything a DreamBooth run depends on (with the seed, the run is reproducible)."""
 
@@ -75,44 +127,9 @@ class TrainConfig:
     center_crop: bool = _opt(False, "Center crop instead of random crop.", group="data")
     flip_p: float = _opt(0.5, "Probability of a horizontal flip per example.", group="data")
     # --- the adapter
-    method: str = _opt(
-        "dora",
-        "Adapter: 'lora', 'dora' (magnitude + low-rank direction), 'magnitude' (magnitude only) "
-        "or 'dvora' (magnitude + VeRA direction); or 'full': no adapter, the targeted layers themselves are "
-        "trained (full fine-tuning, the DoRA paper's FT baseline; writes <output>/unet).",
-        choices=TRAIN_METHODS,
-        group="adapter",
-    )
-    rank: int = _opt(8, "Rank of the low-rank update (not used by full).", group="adapter")
-    alpha: float | None = _opt(
-        None,
-        "LoRA alpha; the update is scaled by alpha/rank. Default: alpha = rank. Not used by full.",
-        group="adapter",
-    )
-    targets: str = _opt(
-        "attn",
-        f"Layers to adapt (full: to train): a preset ({', '.join(PRESETS)}) or comma-separated whole module names.",
-        group="adapter",
-    )
-    policy: str | None = _opt(
-        None,
-        "Tuning granularity (paper §5.6): per-group methods, e.g. 'ff=magnitude' (DoRA on attention, "
-        "magnitude only on feed-forward). Groups: attn, ff, or whole module names. Not with full.",
-        group="adapter",
-    )
-    dropout: float = _opt(0.0, "Dropout on the adapter input (not with full).", group="adapter")
-    norm_grad: str = _opt(
-        "detach",
-        "DoRA: 'detach' the weight norm in backprop (paper §4.3) or keep its 'exact' gradient (not with full).",
-        choices=("detach", "exact"),
-        group="adapter",
-    )
-    memory_saving: bool = _opt(
-        True,
-        "DoRA: recompute residual-tail layer outputs in backward (no activation beyond LoRA's, ~4% slower on CPU); "
-        "--no-memory-saving keeps them.",
-        group="adapter",
-    )
+    adapter: AdapterConfig = field(default_factory=AdapterConfig, metadata={"options": ADAPTER_OPTIONS})
+    """The adapter (or ``full``'s targeted layers): flat in the CLI and the files, as ``ADAPTER_OPTIONS``.
+    Its ``vera_seed`` is the run's ``seed``."""
     train_text_encoder: bool = _opt(
         False,
         "Also put adapters on both text encoders (full: tune their targeted layers) and train them.",
@@ -195,12 +212,27 @@ class TrainConfig:
     report_to: str = _opt("tensorboard", "Experiment tracker for accelerate ('tensorboard', 'none', ...).", group="run")
     log_every: int = _opt(1, "Write loss, learning rate and step time to train_log.jsonl every N steps.", group="run")
 
+    def __init__(self, **options: Any) -> None:
+        """Every field by keyword, and the adapter's options flat beside them (``method="lora", rank=4``:
+        into ``adapter``), as the CLI, the config files and ``to_flat`` name them."""
+        given = {k: options.pop(k) for k in ADAPTER_NAMES if k in options}
+        for f in fields(self):
+            if f.name in options:
+                setattr(self, f.name, options.pop(f.name))
+            else:
+                setattr(self, f.name, f.default_factory() if f.default is dataclasses.MISSING else f.default)
+        for name in options:
+            raise TypeError(f"TrainConfig.__init__() got an unexpected keyword argument {name!r}")
+        self.__post_init__()
+        if given:
+            self.adapter = _with_options(self.adapter, given)
+        if self.adapter.vera_seed != self.seed:
+            self.adapter = dataclasses.replace(self.adapter, vera_seed=self.seed)
+
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}: {why}")
 
-        if self.method not in TRAIN_METHODS:
-            raise bad("method", f"must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise bad("resolution", f"must be a positive multiple of 8, got {self.resolution}")
         for name in (
@@ -234,94 +266,32 @@ class TrainConfig:
             raise bad("lr_schedule", f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise bad("snr_gamma", f"must be positive, got {self.snr_gamma}")
-        if self.method == FULL:
-            self._check_full()
-        else:
-            self.adapter_config()  # validates rank, alpha, dropout, targets
-
-    def _check_full(self) -> None:
-        """Full fine-tuning has no adapter: refuse the adapter options that would change nothing."""
-        if not target_patterns(self.targets):
-            raise ConfigError("targets: empty")
-        for name, given in (
-            ("policy", bool(self.policy)),
-            ("dropout", self.dropout != 0.0),
-            ("norm_grad", self.norm_grad != "detach"),
-        ):
-            if given:
-                raise ConfigError(
-                    f"{name}: an adapter option; method 'full' trains the targeted layers themselves "
-                    f"and has no adapter (got {name} = {getattr(self, name)!r})"
-                )
 
     def adapter_config(self) -> AdapterConfig:
-        if self.method == FULL:
+        """The adapters the run puts on its models; ``full`` has none."""
+        if self.adapter.method == FULL:
             raise ConfigError(
                 "method: 'full' trains the targeted layers themselves and has no adapter; "
                 "its run writes the tuned UNet as a diffusers folder (<output>/unet)"
             )
-        try:
-            return AdapterConfig(
-                method=self.method,
-                rank=self.rank,
-                alpha=self.alpha,
-                targets=self.targets,
-                dropout=self.dropout,
-                norm_grad=self.norm_grad,
-                vera_seed=self.seed,
-                policy=parse_policy(self.policy),
-                memory_saving=self.memory_saving,
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        return self.adapter
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_flat(self) -> dict[str, Any]:
+        """The options by flat name, in ``options_of(TrainConfig)``'s order: ``TrainConfig(**flat)`` reads them back."""
+        flat: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "adapter":
+                a = self.adapter
+                flat.update({name: getattr(a, name) for name in ADAPTER_NAMES})
+                flat["targets"] = a.targets if isinstance(a.targets, str) else list(a.targets)
+                flat["policy"] = format_policy(a.policy)
+            else:
+                flat[f.name] = getattr(self, f.name)
+        return flat
 
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; the adapter's options by their flat names too (``replace(rank=4)``)."""
         return dataclasses.replace(self, **changes)
-
-
-# ---------------------------------------------------------------------------------- config files
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Keys of a TOML, YAML or JSON config file (a ``[train]`` table / ``train:`` mapping, or top level)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: {path} is not a file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config: {path} must end in .toml, .yaml, .yml or .json")
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"config: {path} could not be parsed: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must hold a table of options")
-    data = data.get("train", data)
-    known = {f.name for f in fields(TrainConfig)}
-    normalised = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(normalised) - known)
-    if unknown:
-        raise ConfigError(f"config: {path} has unknown option(s) {', '.join(unknown)}")
-    return normalised
-
-
-# ----------------------------------------------------------------------------- argparse bridge
 
 
 def _base_type(tp: Any) -> Any:
@@ -339,64 +309,26 @@ def _base_type(tp: Any) -> Any:
     return args[0] if args else tp
 
 
-def add_config_arguments(
-    parser: argparse.ArgumentParser, cls: type = TrainConfig, required: tuple[str, ...] = ()
-) -> None:
-    """One ``--option`` per dataclass field, grouped, with the field's help; defaults left to the dataclass."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
+def options_of(cls: type = TrainConfig) -> tuple[Option, ...]:
+    """The flat options of a config dataclass, in order: one per field, a nested config's (a field with
+    ``options`` in its metadata: ``TrainConfig.adapter``) in its place."""
+    found: list[Option] = []
     for f in fields(cls):
         meta = f.metadata
-        group = groups.setdefault(meta.get("group", "options"), parser.add_argument_group(meta.get("group", "options")))
-        flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(f.type)
-        default = f.default
-        shown = "" if default in (None, "", False) else f" (default: {default})"
-        text = (meta["help"] + shown).replace("%", "%%")  # argparse formats help with %: "~4% slower" is text
-        if tp is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        if "options" in meta:
+            found += meta["options"]
         else:
-            group.add_argument(
-                flag,
-                type=tp,
-                default=argparse.SUPPRESS,
-                choices=meta.get("choices"),
-                help=text,
-                required=f.name in required,
+            found.append(
+                Option(
+                    f.name,
+                    _base_type(f.type),
+                    f.default,
+                    meta["help"],
+                    meta.get("group", "options"),
+                    meta.get("choices"),
+                )
             )
+    return tuple(found)
 
 
-def resumed_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options the run that ``values`` resume was started with: its checkpoint's (``resume`` a
-    checkpoint folder) or its output folder's ``training_config.json`` (``resume = "latest"``); ``{}``
-    when not resuming or nothing was saved. So ``--output X --resume latest`` continues run X as it was."""
-    from . import runs
-
-    resume = values.get("resume")
-    if not resume:
-        return {}
-    run = Path(values.get("output") or TrainConfig.output)
-    source = runs.config_file(run) if resume == "latest" else Path(resume) / runs.STATE_NAME
-    if not source.is_file():
-        return {}
-    try:
-        saved = runs.read_run_config(run) if resume == "latest" else runs.read_checkpoint_state(resume)["config"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"resume: {source} could not be read ({e})") from None
-    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite"}
-    return {k: v for k, v in saved.items() if k in names}
-
-
-def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
-    """The config file's values (``args.config``), overridden by the options given on the command line;
-    when resuming, the run's saved options fill in what neither gives."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(read_config_file(args.config))
-    names = {f.name for f in fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    if cls is TrainConfig:
-        values = {**resumed_options(values), **values}
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(str(e)) from None
+OPTION_NAMES = frozenset(o.name for o in options_of(TrainConfig))

@@ -15,7 +15,7 @@ def build_optimizer(config: TrainConfig, unet: torch.nn.Module, text_encoders: l
     text encoders' (when trained) at ``text_encoder_lr``; the schedule is stepped once per optimizer step."""
     from diffusers.optimization import get_scheduler
 
-    parameters_of = tuned_parameters if config.method == FULL else adapter_parameters
+    parameters_of = tuned_parameters if config.adapter.method == FULL else adapter_parameters
     groups = [{"params": parameters_of(unet), "lr": config.learning_rate}]
     if config.train_text_encoder:
         te_params = [p for te in text_encoders for p in parameters_of(te)]

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, ConfigError
+from .config import ConfigError
 from .evaluation import LOWER_IS_BETTER, METRICS, Evaluator, check_embedders, verdict_lines
+from .inject import METHODS
 
 CELL_FILE = "cell.json"
 TABLE_FIELDS = METRICS

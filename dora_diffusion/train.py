@@ -178,6 +178,7 @@ def _train(
         )
 
     # ---- models: frozen base in the compute dtype, fp32 adapters on top
+    adapter = config.adapter  # its method, rank and targets; full: the targeted layers to train
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
     unet, vae = pipe.unet, pipe.vae
     text_encoders, tokenizers = [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
@@ -187,12 +188,12 @@ def _train(
     if config.train_text_encoder:
         modules.update(zip(("text_encoder", "text_encoder_2"), text_encoders, strict=True))
     for m in (unet, *text_encoders):
-        if config.method == FULL and any(m is t for t in modules.values()):
-            tune_layers(m, config.targets, device=device, dtype=weight_dtype)  # its targeted layers train, in fp32
+        if adapter.method == FULL and any(m is t for t in modules.values()):
+            tune_layers(m, adapter.targets, device=device, dtype=weight_dtype)  # its targeted layers train, in fp32
         else:
             m.to(device) if weight_dtype == torch.float32 else m.to(device, dtype=weight_dtype)
     vae.to(device)  # loaded in fp32 and kept there: SDXL's VAE overflows in fp16
-    if config.method != FULL:
+    if adapter.method != FULL:
         adapter_cfg = config.adapter_config()
         for m in modules.values():
             add_adapters(m, adapter_cfg)
@@ -201,7 +202,7 @@ def _train(
         if config.train_text_encoder:
             for te in text_encoders:
                 te.gradient_checkpointing_enable()
-    summary_of = tuned_summary if config.method == FULL else adapter_summary
+    summary_of = tuned_summary if adapter.method == FULL else adapter_summary
     n_trainable = sum(summary_of(m)["trainable_parameters"] for m in modules.values())
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -228,20 +229,20 @@ def _train(
             accelerator.init_trackers(
                 "dora-diffusion",
                 config={
-                    k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()
+                    k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_flat().items()
                 },
             )
         runs.write_run_config(
             output,
-            {**config.to_dict(), "resolution": resolution, "trainable_parameters": n_trainable, "num_processes": world},
+            {**config.to_flat(), "resolution": resolution, "trainable_parameters": n_trainable, "num_processes": world},
         )
         print(
-            f"training {config.method} ({'' if config.method == FULL else f'rank {config.rank}, '}"
-            f"targets {config.targets!r}) on {len(dataset)} images: "
+            f"training {adapter.method} ({'' if adapter.method == FULL else f'rank {adapter.rank}, '}"
+            f"targets {adapter.targets!r}) on {len(dataset)} images: "
             f"{n_trainable:,} trainable parameters, {config.max_steps} steps"
         )
         for comp, m in modules.items():
-            if config.method == FULL:
+            if adapter.method == FULL:
                 counts = tuned_summary(accelerator.unwrap_model(m))
                 print(f"  {comp}: full on {counts['layers']} layers, {counts['trainable_parameters']:,} parameters")
                 continue
@@ -252,7 +253,7 @@ def _train(
     step_times: list[float] = []
     validation_images: list[Path] = []
     loss_value = float("nan")
-    bar = tqdm(total=config.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc=config.method)
+    bar = tqdm(total=config.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc=adapter.method)
     for step in range(start_step, config.max_steps):
         started = time.perf_counter()
         for m in modules.values():
@@ -356,14 +357,14 @@ def _train(
 
     # ---- replicas must agree (DDP): every rank's adapter checksum, recorded
     if world > 1:
-        record_replicas(accelerator, output, modules, config.method)
+        record_replicas(accelerator, output, modules, adapter.method)
 
     # ---- the end: final validation, the adapter, config and model card
     images = run_validation(accelerator, pipe, modules, text_encoders, config, output, config.max_steps)
     validation_images += images
     if progress is not None and accelerator.is_main_process:
         progress(StepReport(config.max_steps, loss_value, None, tuple(images)))
-    full = config.method == FULL  # no adapter: the tuned components as diffusers folders
+    full = adapter.method == FULL  # no adapter: the tuned components as diffusers folders
     adapter_file = None if full else runs.adapter_file(output)
     tuned_components = [runs.tuned_component_dir(output, c) for c in modules] if full else []
     if accelerator.is_main_process:

@@ -113,13 +113,10 @@ def _unet_snapshots(path: Path) -> list[Snapshot]:
 
 def _run_adapter_config(cfg: dict[str, Any], where: Path) -> AdapterConfig:
     """The adapters a run was trained with, as the trainer builds them (``TrainConfig.adapter_config``)."""
-    from dataclasses import fields
+    from ..config import OPTION_NAMES, TrainConfig
 
-    from ..config import TrainConfig
-
-    known = {f.name for f in fields(TrainConfig)}
     try:
-        return TrainConfig(**{k: v for k, v in cfg.items() if k in known}).adapter_config()
+        return TrainConfig(**{k: v for k, v in cfg.items() if k in OPTION_NAMES}).adapter_config()
     except (TypeError, ValueError) as e:
         raise AnalysisError(f"{where}: its training config does not describe an adapter ({e})") from None
 

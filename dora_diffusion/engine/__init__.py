@@ -19,7 +19,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,7 +34,7 @@ EXPORT_FORMATS = ("diffusers", "kohya", "comfyui", "merged-folder", "merged-sing
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 TRAIN_METHODS = ("lora", "dora", "both")
 
-_TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+_TRAIN_DEFAULTS = TrainConfig().to_flat()
 
 
 class Generation(NamedTuple):

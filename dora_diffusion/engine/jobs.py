@@ -70,7 +70,7 @@ class TrainingJob:
 
     def _report(self, index: int, report: Any) -> None:
         """``train``'s progress callback (a ``train.StepReport``) for ``configs[index]``."""
-        method = self.configs[index].method
+        method = self.configs[index].adapter.method
         with self._lock:
             if report.seconds is not None:  # a step (the end-of-run report brings the final images only)
                 self._losses.append((method, report.step, report.loss))
@@ -133,7 +133,7 @@ class TrainingJob:
         done = len(self.results)
         index = max(0, min(done if self.running or self.error else done - 1, len(self.configs) - 1))
         config = self.configs[index]
-        p.method, p.max_steps = config.method, config.max_steps
+        p.method, p.max_steps = config.adapter.method, config.max_steps
         with self._lock:
             p.losses, p.validation = list(self._losses), list(self._validation)
             last, recent = self._last.get(index), list(self._seconds.get(index, [])[-10:])
