@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple, get_args
 
-from .inject import FULL, PRESETS, TRAIN_METHODS, AdapterConfig, AdapterError, format_policy
+from .adapter_config import FULL, TRAIN_METHODS, AdapterConfig, format_policy
+from .targets import PRESETS, AdapterError
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:

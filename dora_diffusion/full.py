@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inject import FULL as FULL  # the method name, owned with the other methods
+from .adapter_config import FULL as FULL  # the method name, owned with the other methods
 from .inject import AdapterError, select_targets
 
 MERGED_FORMATS = ("merged-folder", "merged-single")
