@@ -49,7 +49,7 @@ from .base import (
     save_safetensors_atomic,
     written_factors,
 )
-from .original import sgm_unet_name
+from .sgm_names import sgm_unet_name
 
 KOHYA_LAYOUT = "kohya"  # our metadata's ``layout`` for this file (``comfyui.py`` writes another one)
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
