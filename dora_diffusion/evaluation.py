@@ -60,7 +60,7 @@ def check_embedders(model_dir: str | Path, dino: str | None, clip: str | None, p
 
 def scene_prompts_for_judge(prompts: Sequence[str]) -> dict[str, str]:
     """The prompts that name a scene of the toy world, with that scene ("sks toy on the grass": "grass")."""
-    from .world.render import SCENES
+    from .world.toys import SCENES
 
     return {p: scene for p in prompts for scene, words in SCENES.items() if words in p}
 

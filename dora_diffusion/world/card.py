@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .render import CLASSES, COLOURS, SCENES, Toy, render, sample_toy
+from .render import render
+from .toys import CLASSES, COLOURS, SCENES, Toy, sample_toy
 
 CARD = "README.md"
 HASHES_HEADER = "## Files (SHA-256)"

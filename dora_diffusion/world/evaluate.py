@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .judge import Judge, Readings
-from .render import SCENES, Toy, sample_toy
+from .toys import SCENES, Toy, sample_toy
 
 # The caption form prompt following is measured with: every field named.
 PROMPT_FORM = "a photo of a {colour} {name} {where}"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .render import CLASSES, COLOURS, EYE_COLOURS, SCENES, SYMBOLS, Toy, is_subject
+from .toys import CLASSES, COLOURS, EYE_COLOURS, SCENES, SYMBOLS, Toy, is_subject
 
 # What the judge reads, and the values each field takes (in head order).
 FIELDS: dict[str, tuple[str, ...]] = {

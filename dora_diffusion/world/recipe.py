@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .render import Toy, render, sample_toy
+from .render import render
+from .toys import Toy, sample_toy
 
 STAGES = ("data", "vae", "judge", "unet", "export")
 

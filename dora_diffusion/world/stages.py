@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .judge import Judge, accuracy, judge_loss, targets
 from .recipe import PretrainConfig, generator, render_world, to_model_input
-from .render import Toy, captions, is_subject
 from .resumable import Clock, Stage, train_loop
+from .toys import Toy, captions, is_subject
 
 RECONSTRUCTED = 4096  # VAE reconstructions the judge also learns from
 TIME_IDS = (64.0, 64.0, 0.0, 0.0, 64.0, 64.0)  # original size, crop corner, target size (SDXL micro-conditioning)
