@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from .analysis import AnalysisError
     from .config import ConfigError
-    from .data import DataError
     from .formats import AdapterFileError
     from .inject import AdapterError
     from .metrics import MetricsModelNotFound
     from .models import ModelNotFoundError
+    from .subject_folder import DataError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -97,9 +97,10 @@ class Evaluator:
         clip: str | None = None,
         pipe=None,
     ):
-        from .data import load_rgb, scan_subject_folder
+        from .images import load_rgb
         from .metrics import ClipEmbedder, DinoEmbedder, JudgeEmbedder
         from .models import load_pipeline
+        from .subject_folder import scan_subject_folder
 
         check_embedders(model_dir, dino, clip, bool(scene_prompts))
         self.prompt, self.class_prompt = prompt, class_prompt

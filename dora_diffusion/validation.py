@@ -16,7 +16,7 @@ def generate_class_images(
     pipe, class_dir: Path, class_prompt: str, wanted: int, resolution: int, config: TrainConfig
 ) -> None:
     """Fill ``class_dir`` up to ``wanted`` images of ``class_prompt`` from the base model (kept for later runs)."""
-    from .data import IMAGE_EXTENSIONS
+    from .images import IMAGE_EXTENSIONS
     from .sampling import SampleSettings, generate
 
     class_dir.mkdir(parents=True, exist_ok=True)

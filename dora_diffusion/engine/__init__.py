@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..config import TrainConfig
-from ..data import ScanReport
 from ..sampling import SampleSettings
+from ..subject_folder import ScanReport
 from .errors import USER_ERRORS, EngineBusy, EngineError, is_user_error, user_message
 from .jobs import Device, TrainingJob, TrainProgress
 from .workspace import ANALYSIS_DIR, DEFAULT_LIMITS, EXPORTS_DIR, UPLOADS_DIR, Limits, Run, Workspace, slug

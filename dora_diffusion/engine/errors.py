@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from ..analysis.results import AnalysisError
 from ..config import ConfigError
-from ..data import DataError
 from ..inject import AdapterError
+from ..subject_folder import DataError
 
 
 class EngineError(ValueError):

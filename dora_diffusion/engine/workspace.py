@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import runs
-from ..data import IMAGE_EXTENSIONS, ScanReport, scan_subject_folder
 from ..formats import AdapterFileError, resolve_adapter_file
+from ..images import IMAGE_EXTENSIONS
+from ..subject_folder import ScanReport, scan_subject_folder
 from .errors import EngineError
 
 UPLOADS_DIR = "uploads"
