@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dora_diffusion import layers
+from dora_diffusion import adapter_layers, adapter_math, layers
 from dora_diffusion.inject import AdapterConfig, add_adapters
 from dora_diffusion.layers import (
     DoRALinear,
@@ -226,8 +226,14 @@ def test_exact_norm_gradient_matches_dense_autograd():
 @pytest.mark.parametrize("tokens", [8, 40])  # the norm from the forward's own GEMM / from its own
 def test_norm_is_cached_per_step_and_invalidated_by_optimizer(monkeypatch, tokens):
     calls = []
-    real = layers.row_norm_from_cross  # what every norm of a DoRA row goes through
-    monkeypatch.setattr(layers, "row_norm_from_cross", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = adapter_math.row_norm_from_cross  # what every norm of a DoRA row goes through
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(adapter_math, "row_norm_from_cross", spy)  # row_norm's
+    monkeypatch.setattr(adapter_layers, "row_norm_from_cross", spy)  # the layer's, from its forward's GEMM
     torch.manual_seed(0)
     adapter = DoRALinear(nn.Linear(16, 12), rank=4)
     opt = torch.optim.SGD([adapter.lora_A, adapter.lora_B, adapter.magnitude], lr=0.1)
