@@ -105,6 +105,18 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
+def _release_free_memory() -> bool:
+    """Hand the allocator's free memory back to the OS (glibc ``malloc_trim``), so that the RSS before the
+    first step is what the process really holds: setup's freed temporaries would otherwise be reused by the
+    steps without the RSS growing, and the growth would depend on what setup happened to free."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -185,8 +197,13 @@ def _fast_random_unet(ucfg: dict, device, dtype):
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(ucfg)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(ucfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
     unet.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -370,6 +387,7 @@ def worker(cfg: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         mem_before = torch.cuda.memory_allocated()
+    trimmed = _release_free_memory()
     rss_before = _rss_kib()
     reset_ok = _reset_peak_rss()
     maxrss_before = None if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -406,7 +424,8 @@ def worker(cfg: dict) -> dict:
             rss_before_bytes=rss_before * 1024,
             peak_bytes=peak_kib * 1024,
             peak_increase_bytes=max(0, peak_kib - rss_before) * 1024,
-            memory_source="VmHWM reset via /proc/self/clear_refs" if reset_ok else "ru_maxrss",
+            memory_source=("VmHWM reset via /proc/self/clear_refs" if reset_ok else "ru_maxrss")
+            + (", after malloc_trim(0)" if trimmed else ""),
         )
         if maxrss_before is not None and maxrss_before >= peak_kib:
             out["memory_warning"] = "peak RSS was reached before the first step; the increase is a lower bound"
@@ -582,6 +601,17 @@ def paired_ratio(runs: list[dict], a: str, b: str) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def stepwise_ratio(runs: list[dict], a: str, b: str) -> float | None:
+    """In-process runs: the median over steps of (a's step k / b's step k). Steps k of two variants ran
+    back to back, so a slow phase of the machine divides out; the ratio of medians does not have that."""
+    xs = []
+    for ra in (r for r in runs if r["variant"] == a):
+        rb = next((r for r in runs if r["variant"] == b and r["repeat"] == ra["repeat"]), None)
+        if rb is not None and len(rb["step_s"]) == len(ra["step_s"]):
+            xs += [x / y for x, y in zip(ra["step_s"], rb["step_s"], strict=True)]
+    return statistics.median(xs) if xs else None
+
+
 def ratios(per: dict, runs: list[dict]) -> dict:
     def r(a, b, key):
         if a in per and b in per and per[a][key] and per[b][key]:
@@ -594,6 +624,8 @@ def ratios(per: dict, runs: list[dict]) -> dict:
         "peft-dora/peft-lora step": r("peft-dora", "peft-lora", "median_step_s"),
         "peft-lora/ours-lora step": r("peft-lora", "ours-lora", "median_step_s"),
         "ours-dora/ours-lora step (paired median)": paired_ratio(runs, "ours-dora", "ours-lora"),
+        "ours-dora/ours-lora step (step by step)": stepwise_ratio(runs, "ours-dora", "ours-lora"),
+        "peft-dora/ours-lora step (step by step)": stepwise_ratio(runs, "peft-dora", "ours-lora"),
         "peft-dora/ours-dora step (paired median)": paired_ratio(runs, "peft-dora", "ours-dora"),
         "ours-dora/ours-lora step (pooled median)": r("ours-dora", "ours-lora", "pooled_median_step_s"),
         "ours-dora/ours-lora step (min)": r("ours-dora", "ours-lora", "min_step_s"),

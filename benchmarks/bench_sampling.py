@@ -161,7 +161,14 @@ def main(argv=None) -> int:
     )
     med = {k: statistics.median(v) for k, v in phase1.items()}
     med2 = {k: statistics.median(v) for k, v in phase2.items()}
+
+    def stepwise(times: dict, a: str, b: str) -> float:  # rounds ran back to back: a slow phase divides out
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
     ratios = {
+        "dora/lora (unmerged, round by round)": stepwise(phase1, "dora", "lora"),
+        "lora/base (round by round)": stepwise(phase1, "lora", "base"),
+        "dora-merged/base (round by round)": stepwise(phase2, "dora-merged", "base"),
         "lora/base": med["lora"] / med["base"],
         "dora/base": med["dora"] / med["base"],
         "dora/lora (unmerged)": med["dora"] / med["lora"],
@@ -178,7 +185,10 @@ def main(argv=None) -> int:
         ]
     )
     print(table)
-    print(f"DoRA / LoRA unmerged: {ratios['dora/lora (unmerged)']:.3f} (goal <= 1.03)")
+    print(
+        f"DoRA / LoRA unmerged: {ratios['dora/lora (unmerged)']:.3f}, round by round "
+        f"{ratios['dora/lora (unmerged, round by round)']:.3f} (goal <= 1.03)"
+    )
     print(
         f"outputs: merged vs unmerged DoRA differ by {check['merged_vs_unmerged_mean_abs']:.2e}, "
         f"DoRA vs base by {check['adapter_vs_base_mean_abs']:.2e} (mean |difference| / mean |output|)"
@@ -194,8 +204,8 @@ def main(argv=None) -> int:
         "goals": [
             {
                 "goal": "unmerged DoRA <= 1.03x unmerged LoRA",
-                "ratio": ratios["dora/lora (unmerged)"],
-                "status": "PASS" if ratios["dora/lora (unmerged)"] <= 1.03 else "FAIL",
+                "ratio": ratios["dora/lora (unmerged, round by round)"],
+                "status": "PASS" if ratios["dora/lora (unmerged, round by round)"] <= 1.03 else "FAIL",
             }
         ],
         "table_markdown": table + "\n",

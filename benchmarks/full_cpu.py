@@ -88,17 +88,19 @@ def summarize(out: Path) -> dict:
             "ours_lora_s": lora,
             "ours_dora_s": dora,
             "ours_dora/ours_lora": dora / lora,
-            "ours_dora/ours_lora (paired)": ours["ratios"]["ours-dora/ours-lora step (paired median)"],
+            "ours_dora/ours_lora (step by step)": ours["ratios"].get("ours-dora/ours-lora step (step by step)"),
             "saved_activations_dora/lora": ours["ratios"]["ours-dora/ours-lora saved activations"],
         }
         if peft:
             p = peft["variants"]
-            peft_over_lora = p["peft-dora"]["median_step_s"] / p["ours-lora"]["median_step_s"]
+            peft_over_lora = peft["ratios"].get("peft-dora/ours-lora step (step by step)") or (
+                p["peft-dora"]["median_step_s"] / p["ours-lora"]["median_step_s"]
+            )
             row.update(
                 {
                     "peft_dora_s": p["peft-dora"]["median_step_s"],
                     "peft_dora/ours_lora": peft_over_lora,
-                    "peft_dora/ours_dora": peft_over_lora / (dora / lora),
+                    "peft_dora/ours_dora": peft_over_lora / (row["ours_dora/ours_lora (step by step)"] or dora / lora),
                     "saved_activations_peft_dora/ours_lora": p["peft-dora"]["saved_activation_bytes"]
                     / p["ours-lora"]["saved_activation_bytes"],
                 }
@@ -137,13 +139,16 @@ def markdown(summary: dict) -> str:
     lines = []
     if summary["training"]:
         lines += [
-            "| image (latent) | our LoRA s/step | our DoRA / our LoRA | PEFT DoRA / our LoRA | PEFT DoRA / our DoRA |",
-            "|---|---:|---:|---:|---:|",
+            "| image (latent) | our LoRA s/step | our DoRA / our LoRA | (ratio of medians) | PEFT DoRA / our LoRA "
+            "| PEFT DoRA / our DoRA |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for r in summary["training"]:
             peft = {k: f"{r[k]:.2f}" if k in r else "–" for k in ("peft_dora/ours_lora", "peft_dora/ours_dora")}
             lines.append(
-                f"| {r['resolution']} px ({r['latent']}²) | {r['ours_lora_s']:.2f} | {r['ours_dora/ours_lora']:.3f} | "
+                f"| {r['resolution']} px ({r['latent']}²) | {r['ours_lora_s']:.2f} | "
+                f"{r['ours_dora/ours_lora (step by step)'] or r['ours_dora/ours_lora']:.3f} | "
+                f"{r['ours_dora/ours_lora']:.3f} | "
                 f"{peft['peft_dora/ours_lora']} | {peft['peft_dora/ours_dora']} |"
             )
         lines.append("")
@@ -165,7 +170,8 @@ def markdown(summary: dict) -> str:
             "|---|---:|---:|",
             f"| base | {s['base']:.2f} | 1.000 |",
             f"| LoRA unmerged | {s['lora']:.2f} | {r['lora/base']:.3f} |",
-            f"| DoRA unmerged | {s['dora']:.2f} | {r['dora/base']:.3f} (DoRA / LoRA {r['dora/lora (unmerged)']:.3f}) |",
+            f"| DoRA unmerged | {s['dora']:.2f} | {r['dora/base']:.3f} (DoRA / LoRA "
+            f"{r.get('dora/lora (unmerged, round by round)', r['dora/lora (unmerged)']):.3f} round by round) |",
             f"| DoRA merged | {s['dora-merged']:.2f} | {r['dora-merged/base']:.3f} |",
             "",
         ]
