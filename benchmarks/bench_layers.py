@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapters import machine_info  # noqa: E402
+from bench_sampling import alternate  # noqa: E402
 
 
 def kinds(resolution: int) -> dict[str, tuple[int, int, int, bool]]:
@@ -91,16 +92,7 @@ def measure_kind(tokens: int, fin: int, fout: int, tail: bool, rank: int, rounds
     steps["dora-cached"] = step(dora, stale=False)
     steps["norm"] = norm
     steps["norm-fp32-copy"] = norm_fp32_copy
-    names = list(steps)
-    for f in steps.values():
-        f()
-    times = {n: [] for n in names}
-    for k in range(rounds):
-        j = k % len(names)
-        for n in names[j:] + names[:j]:
-            t0 = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t0)
+    times = alternate(steps, rounds, warmup=1)
     med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
     return {
         "tokens": tokens,

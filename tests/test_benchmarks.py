@@ -71,3 +71,15 @@ def test_full_cpu_summary_from_results(tmp_path):
     )
     assert row["peft_dora/ours_dora"] == pytest.approx(row["peft_dora/ours_lora"] / row["ours_dora/ours_lora"])
     assert "| 64 px (8²) |" in text
+
+
+def test_layer_benchmark_covers_every_attention_kind(tmp_path):
+    out = tmp_path / "l.json"
+    _run([BENCH / "bench_layers.py", "--resolution", "64", "--rounds", "1", "--out", out], tmp_path)
+    layers = json.loads(out.read_text())["layers"]
+    assert len(layers) == 5
+    tails = [v for v in layers.values() if v["residual_tail"]]
+    assert tails and all("dora-keep" in v["median_ms"] for v in tails)
+    assert all(
+        {"lora", "dora", "dora-cached", "norm", "norm-fp32-copy"} <= set(v["median_ms"]) for v in layers.values()
+    )
