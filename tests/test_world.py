@@ -250,3 +250,20 @@ def test_subject_photos_are_closer_to_each_other_than_to_other_toys():
 
     others = embedder.embed_images([Image.fromarray(p) for p in pixels])
     assert subject_fidelity(photos, photos).mean > subject_fidelity(others, photos).mean + 0.1
+
+
+def test_subject_renders_draw_the_subject_in_the_worlds_style():
+    """``subject_renders`` (the style-gap check's training pictures): the subject's parts, the world's
+    framing, seeded; and what the world itself never draws."""
+    from dora_diffusion.world.evaluate import subject_renders
+
+    a, b = subject_renders(3, seed=3), subject_renders(3, seed=3)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+    assert a[0].size == (64, 64) and not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+    pixels, _ = render_world(64, seed=3)
+    assert not any(np.array_equal(np.asarray(a[0]), p) for p in pixels)
+    if SHIPPED:
+        from dora_diffusion.models import embedded_judge
+
+        read = embedded_judge().read(subject_renders(7))
+        assert sum(r["subject"] for r in read) >= 6, read

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from .judge import Judge, Readings
-from .toys import SCENES, Toy, sample_toy
+from .render import render
+from .toys import SCENES, SUBJECT, Toy, sample_toy
 
 # The caption form prompt following is measured with: every field named.
 PROMPT_FORM = "a photo of a {colour} {name} {where}"
@@ -62,6 +63,25 @@ def subject_presence(
     if scene is not None:
         out["scene"] = sum(r["scene"] == scene for r in read) / len(read)
     return out, images
+
+
+def subject_renders(n: int, seed: int = 3) -> list[Image.Image]:
+    """The sample subject (teal robot, yellow eye, red heart, orange antenna ball) drawn by the world's own
+    renderer, framed as the world frames robots (a little larger: 0.55-0.8 of the picture). The model never
+    saw these; they show how much of the subject's look the sample photos' different style costs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        framing = sample_toy(rng, kind="robot", allow_subject=True)
+        toy = Toy(
+            **{
+                **framing.attributes(),
+                **{k: getattr(SUBJECT, k) for k in ("colour", "symbol", "eye", "antenna")},
+                "height": float(rng.uniform(0.55, 0.8)),
+            }
+        )
+        out.append(render(toy))
+    return out
 
 
 def contact_sheet(images: Sequence[Image.Image], columns: int = 8, scale: int = 2) -> Image.Image:
