@@ -41,13 +41,14 @@ def run(output: Path, methods: list[str], images: int, seeds: int, sources: list
 
     data = output / "subject_renders"
     data.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(subject_renders(images)):
+    renders = subject_renders(images)
+    for i, im in enumerate(renders):
         im.save(data / f"subject_{i:02d}.png")
     judge = embedded_judge()
     result: dict = {
         "what": "the demo's recipe trained on the subject drawn by the world's renderer",
         "training_images": images,
-        "judge_reads_them_as_the_subject": sum(r["subject"] for r in judge.read(subject_renders(images))) / images,
+        "judge_reads_them_as_the_subject": sum(r["subject"] for r in judge.read(renders)) / images,
         "seeds": seeds,
         "runs": {},
     }

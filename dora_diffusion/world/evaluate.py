@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -70,17 +71,11 @@ def subject_renders(n: int, seed: int = 3) -> list[Image.Image]:
     renderer, framed as the world frames robots (a little larger: 0.55-0.8 of the picture). The model never
     saw these; they show how much of the subject's look the sample photos' different style costs."""
     rng = np.random.default_rng(seed)
+    parts = {k: getattr(SUBJECT, k) for k in ("colour", "symbol", "eye", "antenna")}
     out = []
     for _ in range(n):
         framing = sample_toy(rng, kind="robot", allow_subject=True)
-        toy = Toy(
-            **{
-                **framing.attributes(),
-                **{k: getattr(SUBJECT, k) for k in ("colour", "symbol", "eye", "antenna")},
-                "height": float(rng.uniform(0.55, 0.8)),
-            }
-        )
-        out.append(render(toy))
+        out.append(render(replace(framing, **parts, height=float(rng.uniform(0.55, 0.8)))))
     return out
 
 
