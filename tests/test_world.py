@@ -267,3 +267,12 @@ def test_subject_renders_draw_the_subject_in_the_worlds_style():
 
         read = embedded_judge().read(subject_renders(7))
         assert sum(r["subject"] for r in read) >= 6, read
+
+
+def test_the_demo_weights_its_loss_as_the_model_was_pretrained(tmp_path: Path):
+    # Min-SNR weighting in the demo's recipe doubled its subject rate (benchmarks/demo_recipe.py): it must
+    # stay the pretraining's, or a change to one silently loses the demo what it was chosen for.
+    from dora_diffusion.demo import demo_config
+
+    cfg = demo_config(tmp_path, "dora", 10)
+    assert cfg.snr_gamma is not None and cfg.snr_gamma == PretrainConfig(work=str(tmp_path)).snr_gamma
