@@ -22,7 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# method:name -> changes to the demo's recipe ("data": "world" trains on the world-style renders).
+# method:name -> changes to the demo's recipe ("data": "world" trains on the world-style renders, "closer" on
+# the photos cropped closer to the robot, any other "data" is a folder of pictures).
 VARIANTS: dict[str, dict] = {
     "dora:demo": {},
     "lora:demo": {},
@@ -36,7 +37,37 @@ VARIANTS: dict[str, dict] = {
     "dora:world-style data": {"data": "world"},
     "lora:world-style data": {"data": "world"},
     "dora:world-style data, no min-SNR": {"data": "world", "snr_gamma": None},
+    "dora:photos cropped closer": {"data": "closer"},
+    "lora:photos cropped closer": {"data": "closer"},
 }
+
+
+def closer_crops(folder: Path, out: Path, fraction: float = 0.7) -> Path:
+    """The sample photos cropped square around the robot so that it fills ``fraction`` of the height, as the
+    world frames its robots (the close-up, already closer, and a photo too small to crop stay as they are).
+    The robot is found by its teal colour; its antenna and feet by 30% above the teal parts' extent."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".txt":
+            shutil.copy(path, out / path.name)  # the caption sidecar
+            continue
+        im = Image.open(path).convert("RGB")
+        a = np.asarray(im).astype(int)
+        r, g, b = a[..., 0], a[..., 1], a[..., 2]
+        teal = (g > 110) & (b > 100) & (r < 110) & (g - r > 50) & (b < g + 5) & (b > 0.75 * g)
+        ys, xs = np.nonzero(teal)
+        y0, y1 = np.percentile(ys, [2, 98])
+        x0, x1 = np.percentile(xs, [2, 98])
+        side = min(max(1.3 * (y1 - y0), x1 - x0) / fraction, min(im.size))
+        left = int(np.clip((x0 + x1 - side) / 2, 0, im.width - side))
+        top = int(np.clip((y0 + y1 - side) / 2, 0, im.height - side))
+        im.crop((left, top, left + int(side), top + int(side))).save(out / f"{path.stem}.png")
+    return out
 
 
 def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge) -> dict:
@@ -56,6 +87,12 @@ def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge
         folder.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(subject_renders(7)):
             im.save(folder / f"subject_{i:02d}.png")
+    elif data == "closer":
+        folder = closer_crops(SAMPLE_DATA, output / "closer_crops")
+    elif data != "photos":
+        folder = Path(data)  # a folder of your own
+        if not folder.is_dir():
+            raise SystemExit(f"{key}: data {data!r} is not 'photos', 'world' or a folder")
     slug = "".join(c if c.isalnum() else "-" for c in f"{method}-{name}")
     cfg = demo_config(output / slug, method, changes.pop("max_steps", 400))
     cfg = cfg.replace(data=str(folder), class_data=str(output / "class_images"), report_to="none", **changes)

@@ -148,6 +148,9 @@ class TrainConfig:
     )
     num_class_images: int = _opt(50, "How many class images prior preservation uses.", group="prior preservation")
     prior_loss_weight: float = _opt(1.0, "Weight of the prior-preservation loss.", group="prior preservation")
+    sample_batch_size: int = _opt(
+        4, "Class images generated per batch (as diffusers' DreamBooth scripts).", group="prior preservation"
+    )
     # --- optimisation
     max_steps: int = _opt(500, "Optimizer steps to train.", group="optimisation")
     batch_size: int = _opt(1, "Examples per device per micro-batch.", group="optimisation")
@@ -242,6 +245,7 @@ class TrainConfig:
             "gradient_accumulation",
             "num_validation_images",
             "validation_inference_steps",
+            "sample_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be at least 1, got {getattr(self, name)}")
