@@ -491,3 +491,29 @@ def test_class_images_in_batches_keep_each_images_seed(tiny_pipe, tiny_model, sm
 def test_sample_batch_size_must_be_positive(tiny_model, small_data, tmp_path):
     with pytest.raises(ConfigError, match="sample_batch_size"):
         quick(tiny_model, small_data, tmp_path / "run", sample_batch_size=0)
+
+
+def test_runs_side_by_side_train_what_they_train_one_after_the_other(tiny_model, small_data, tmp_path):
+    """The demo's two runs in processes of their own (``demo.train_side_by_side``) write the same adapters,
+    bit for bit, as the same runs one after the other in this process: nothing in a run depends on what ran
+    before it, and the logs go to one file per run."""
+    from dora_diffusion.demo import _train_one, train_side_by_side
+
+    def configs(root):
+        return {m: quick(tiny_model, small_data, root / m, method=m, max_steps=3, seed=7) for m in ("lora", "dora")}
+
+    first = []
+    together = train_side_by_side(
+        configs(tmp_path / "together"), tmp_path / "together", 1, on_first_done=lambda: first.append(1)
+    )
+    apart = {m: _train_one(c, None, torch.get_num_threads()) for m, c in configs(tmp_path / "apart").items()}
+    assert first == [1]
+    for method in ("lora", "dora"):
+        assert together[method]["final_loss"] == apart[method]["final_loss"]
+        a = load_file(together[method]["adapter"])
+        b = load_file(apart[method]["adapter"])
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        log = (tmp_path / "together" / f"{method}.log").read_text()
+        assert f"training {method}" in log
