@@ -85,6 +85,7 @@ def _sweep(args: argparse.Namespace) -> int:
         seeds=ints(args.seeds, "seeds"),
         steps=args.steps,
         learning_rate=args.learning_rate,
+        snr_gamma=args.snr_gamma or None,
         targets=args.targets,
         scene_prompts=scenes,
         eval_seeds=args.eval_seeds,

@@ -214,6 +214,13 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)")
     p.add_argument("--steps", type=int, default=400, help="training steps per cell (default: %(default)s)")
     p.add_argument("--learning-rate", dest="learning_rate", type=float, default=3e-3, help="(default: %(default)s)")
+    p.add_argument(
+        "--snr-gamma",
+        dest="snr_gamma",
+        type=float,
+        default=5.0,
+        help="min-SNR-gamma loss weighting, as the demo trains (0: off; default: %(default)s)",
+    )
     p.add_argument("--targets", default="attn+ff", help="layers to adapt (default: %(default)s)")
     p.add_argument(
         "--eval-seeds", dest="eval_seeds", type=int, default=16, help="sampling seeds per prompt (default: %(default)s)"

@@ -50,6 +50,8 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 400
     learning_rate: float = 3e-3
+    snr_gamma: float | None = 5.0
+    """Min-SNR-γ loss weighting (None: off); 5, as the demo trains (``demo.demo_config``)."""
     targets: str = "attn+ff"
     num_class_images: int = 50
     scene_prompts: dict[str, str] = field(default_factory=dict)
@@ -119,6 +121,7 @@ def _train_cell(cfg: SweepConfig, method: str, rank: int, seed: int, run: Path, 
         rank=int(rank),
         targets=cfg.targets,
         learning_rate=cfg.learning_rate,
+        snr_gamma=cfg.snr_gamma,
         max_steps=cfg.steps,
         seed=int(seed),
         class_prompt=cfg.class_prompt,
