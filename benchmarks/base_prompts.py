@@ -11,7 +11,6 @@ The world leaves out every teal robot with a heart (the sample subject's combina
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
-    from bench_adapters import machine_info
+    from bench_adapters import write_result
 
     from dora_diffusion.models import embedded_judge, load_pipeline
     from dora_diffusion.threads import generation_threads
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     result = {"what": "the base model, judged", "seeds": [seeds.start, seeds.stop - 1], "rows": rows}
-    result["machine"] = machine_info("cpu")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(result, args.out, show=False)
     return 0
 
 

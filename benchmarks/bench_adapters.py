@@ -525,6 +525,18 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+def write_result(result: dict, out: str | None, show: bool = True) -> None:
+    """A benchmark's result with the machine it ran on (CPU), to ``out`` (JSON) when given, printed if ``show``."""
+    import json
+
+    result["machine"] = machine_info("cpu")
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    if show:
+        print(text)
+
+
 def machine_info(device: str) -> dict:
     import diffusers
     import peft

@@ -7,7 +7,7 @@ prior preservation from 50 class images, seed 0) with a few fields changed, trai
 of "a photo of sks toy" (20 Euler steps, guidance 5). The seeds are 100-131 by default, apart from the demo's
 own 0-31: the recipe was chosen on these, so the demo's figures are not the ones it was chosen on.
 
-    python benchmarks/demo_recipe.py --out benchmarks/results/demo-recipe.json   # ~27 min on 2 cores
+    python benchmarks/demo_recipe.py --out benchmarks/results/demo-recipe.json   # ~35 min on 2 cores
     python benchmarks/demo_recipe.py --variant 'dora:snr2={"snr_gamma": 2.0}'     # one variant of your own
 """
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             except json.JSONDecodeError as e:
                 ap.error(f"--variant {spec!r}: the changes are not JSON ({e})")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_adapters import machine_info
+    from bench_adapters import write_result
 
     from dora_diffusion.models import embedded_judge, load_pipeline
 
@@ -161,12 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "what": "the demo's recipe with one choice changed; 'a photo of sks toy' judged",
         "seeds": [seeds.start, seeds.stop - 1],
         "runs": rows,
-        "machine": machine_info("cpu"),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_result(result, args.out)
     return 0
 
 

@@ -84,14 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=32)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_adapters import machine_info
+    from bench_adapters import write_result
 
     result = run(Path(args.output), args.methods.split(","), args.images, args.seeds, args.sources.split(","))
-    result["machine"] = machine_info("cpu")
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_result(result, args.out)
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from .demo import SNR_GAMMA
+
 EPILOG = """examples:
   dora-diffusion tiny-model outputs/tiny-sdxl                     # the random-weight tiny SDXL (tests)
   dora-diffusion pretrain-tiny --work outputs/pretrain --max-minutes 60   # the shipped model's recipe
@@ -218,7 +220,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> ar
         "--snr-gamma",
         dest="snr_gamma",
         type=float,
-        default=5.0,
+        default=SNR_GAMMA,
         help="min-SNR-gamma loss weighting, as the demo trains (0: off; default: %(default)s)",
     )
     p.add_argument("--targets", default="attn+ff", help="layers to adapt (default: %(default)s)")

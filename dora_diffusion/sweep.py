@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .demo import SNR_GAMMA
 from .evaluation import LOWER_IS_BETTER, METRICS, Evaluator, check_embedders, verdict_lines
 from .inject import METHODS
 
@@ -50,8 +51,8 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 400
     learning_rate: float = 3e-3
-    snr_gamma: float | None = 5.0
-    """Min-SNR-γ loss weighting (None: off); 5, as the demo trains (``demo.demo_config``)."""
+    snr_gamma: float | None = SNR_GAMMA
+    """Min-SNR-γ loss weighting (None: off); the demo's by default."""
     targets: str = "attn+ff"
     num_class_images: int = 50
     scene_prompts: dict[str, str] = field(default_factory=dict)
