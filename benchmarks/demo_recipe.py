@@ -7,8 +7,12 @@ prior preservation from 50 class images, seed 0) with a few fields changed, trai
 of "a photo of sks toy" (20 Euler steps, guidance 5). The seeds are 100-131 by default, apart from the demo's
 own 0-31: the recipe was chosen on these, so the demo's figures are not the ones it was chosen on.
 
-    python benchmarks/demo_recipe.py --out benchmarks/results/demo-recipe.json   # ~35 min on 2 cores
+    python benchmarks/demo_recipe.py --out benchmarks/results/demo-recipe.json   # ~60 min on 2 cores
     python benchmarks/demo_recipe.py --variant 'dora:snr2={"snr_gamma": 2.0}'     # one variant of your own
+
+Training runs on one thread, so two processes can share a 2-core machine (``--contended`` marks their rows:
+the subject rates are unchanged, runs are deterministic, but the timings are not the demo's) and be joined
+with ``--out ALL.json --append --merge A.json --merge B.json``. The JSON is written after every run.
 """
 
 from __future__ import annotations
@@ -39,6 +43,17 @@ VARIANTS: dict[str, dict] = {
     "dora:world-style data, no min-SNR": {"data": "world", "snr_gamma": None},
     "dora:photos cropped closer": {"data": "closer"},
     "lora:photos cropped closer": {"data": "closer"},
+    "dora:text encoder": {"train_text_encoder": True},
+    "dora:rank 16": {"rank": 16},
+    "dora:prior loss weight 0.5": {"prior_loss_weight": 0.5},
+    "dora:no prior preservation": {"class_prompt": None, "class_data": None},
+    "dora:lr 5e-3": {"learning_rate": 5e-3},
+    "dora:min-SNR-2, 600 steps": {"max_steps": 600, "snr_gamma": 2.0},
+    "dora:800 steps": {"max_steps": 800},
+    "dora:photos cropped closer, min-SNR-2": {"data": "closer", "snr_gamma": 2.0},
+    "lora:photos cropped closer, min-SNR-2": {"data": "closer", "snr_gamma": 2.0},
+    "dora:photos cropped closer, min-SNR-2, batch 2": {"data": "closer", "snr_gamma": 2.0, "batch_size": 2},
+    "dora:photos cropped closer, text encoder": {"data": "closer", "train_text_encoder": True},
 }
 
 
@@ -94,8 +109,10 @@ def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge
         if not folder.is_dir():
             raise SystemExit(f"{key}: data {data!r} is not 'photos', 'world' or a folder")
     slug = "".join(c if c.isalnum() else "-" for c in f"{method}-{name}")
+    recorded = {"data": data, **changes}
     cfg = demo_config(output / slug, method, changes.pop("max_steps", 400))
-    cfg = cfg.replace(data=str(folder), class_data=str(output / "class_images"), report_to="none", **changes)
+    fields = {"data": str(folder), "class_data": str(output / "class_images"), "report_to": "none"}
+    cfg = cfg.replace(**{**fields, **changes})  # a variant may change class_data too (None: no prior preservation)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # training as the demo trains (one thread on the tiny model)
     t = time.perf_counter()
@@ -110,11 +127,28 @@ def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge
     return {
         "method": method,
         "variant": name,
-        "changes": {"data": data, **changes},
+        "changes": recorded,
         "train_seconds": train_seconds,
         "median_step_ms": result.median_step_seconds * 1000,
         **{k: row[k] for k in ("n", "subject", "robot", "teal_robot")},
     }
+
+
+def joined_rows(kept: str | None, merge: list[str], variants: dict, seeds: range) -> list[dict]:
+    """The rows of ``kept`` (the file being appended to) and of each ``merge`` file, in order: a later row of
+    the same method:variant replaces an earlier one, and a variant about to run replaces them all."""
+
+    def key(r):
+        return f"{r['method']}:{r['variant']}"
+
+    rows: list[dict] = []
+    for path in ([kept] if kept and Path(kept).exists() else []) + list(merge):
+        other = json.loads(Path(path).read_text())
+        if other.get("seeds") != [seeds.start, seeds.stop - 1]:
+            raise SystemExit(f"{path}: judged on seeds {other.get('seeds')}, not {seeds.start}-{seeds.stop - 1}")
+        names = {key(r) for r in other["runs"]}
+        rows = [r for r in rows if key(r) not in names] + other["runs"]
+    return [r for r in rows if key(r) not in variants]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +163,27 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="method:name=JSON changes, e.g. 'dora:snr2={\"snr_gamma\": 2.0}' (default: the built-in set)",
     )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the runs already in --out (a run of the same method:variant is replaced)",
+    )
+    ap.add_argument(
+        "--contended",
+        action="store_true",
+        help="say in each row that another job shared the CPU (its timings are not the demo's)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        help="another results JSON of the same seeds whose runs join this one (variants run in parallel processes; "
+        "alone, it runs nothing new)",
+    )
     args = ap.parse_args(argv)
-    variants = VARIANTS
+    if args.append and not args.out:
+        ap.error("--append needs --out")
+    variants = {} if args.merge and not args.variant else VARIANTS  # --merge alone: only join the files
     if args.variant:
         variants = {}
         for spec in args.variant:
@@ -144,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_adapters import write_result
 
+    seeds = range(args.seed0, args.seed0 + args.seeds)
+    rows = joined_rows(args.out if args.append else None, args.merge, variants, seeds)  # before any loading
+    from dora_diffusion.demo import subject_photos
     from dora_diffusion.models import embedded_judge, load_pipeline
 
     output = Path(args.output)
@@ -151,17 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     judge = embedded_judge()
-    seeds = range(args.seed0, args.seed0 + args.seeds)
-    rows = []
-    for key, changes in variants.items():
-        rows.append(run_variant(output, key, changes, seeds, pipe, judge))
-        r = rows[-1]
-        print(f"{key:40s} subject {r['subject']:4.0%}  teal robot {r['teal_robot']:4.0%}", flush=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    photos = judge.read([p.resize((size, size)) for p in subject_photos()])
     result = {
         "what": "the demo's recipe with one choice changed; 'a photo of sks toy' judged",
         "seeds": [seeds.start, seeds.stop - 1],
+        # the ceiling a copy of the training photos would reach: the judge's reading of the photos themselves
+        "judge_reads_the_photos_as_the_subject": sum(r["subject"] for r in photos) / len(photos),
         "runs": rows,
     }
+    for key, changes in variants.items():
+        r = run_variant(output, key, changes, seeds, pipe, judge)
+        if args.contended:
+            r["contended"] = True
+        rows.append(r)
+        print(f"{key:40s} subject {r['subject']:4.0%}  teal robot {r['teal_robot']:4.0%}", flush=True)
+        if args.out:
+            write_result(result, args.out, show=False)  # after each run: a crash keeps what was measured
     write_result(result, args.out)
     return 0
 

@@ -81,5 +81,36 @@ def test_layer_benchmark_covers_every_attention_kind(tmp_path):
     tails = [v for v in layers.values() if v["residual_tail"]]
     assert tails and all("dora-keep" in v["median_ms"] for v in tails)
     assert all(
-        {"lora", "dora", "dora-cached", "norm", "norm-fp32-copy"} <= set(v["median_ms"]) for v in layers.values()
+        {"lora", "dora", "dora-cached", "dora-separate", "norm", "norm-fp32-copy"} <= set(v["median_ms"])
+        for v in layers.values()
     )
+
+
+def test_demo_recipe_joins_results_of_parallel_runs(tmp_path):
+    """``--merge`` alone trains nothing: it joins other runs' rows (a later file's row replaces an earlier one of
+    the same method:variant), keeps the ``--append`` file's rows and refuses files judged on other seeds."""
+
+    def row(method, variant, subject):
+        return {"method": method, "variant": variant, "subject": subject}
+
+    kept, a, b = tmp_path / "all.json", tmp_path / "a.json", tmp_path / "b.json"
+    kept.write_text(json.dumps({"seeds": [100, 131], "runs": [row("dora", "demo", 0.4), row("lora", "x", 0.1)]}))
+    a.write_text(json.dumps({"seeds": [100, 131], "runs": [row("lora", "x", 0.2), row("dora", "y", 0.3)]}))
+    b.write_text(json.dumps({"seeds": [100, 131], "runs": [row("dora", "y", 0.5)]}))
+    _run([BENCH / "demo_recipe.py", "--out", kept, "--append", "--merge", a, "--merge", b], tmp_path)
+    result = json.loads(kept.read_text())
+    runs = {f"{r['method']}:{r['variant']}": r["subject"] for r in result["runs"]}
+    assert runs == {"dora:demo": 0.4, "lora:x": 0.2, "dora:y": 0.5}
+    assert 0.0 <= result["judge_reads_the_photos_as_the_subject"] <= 1.0
+    assert "machine" in result
+    b.write_text(json.dumps({"seeds": [0, 31], "runs": []}))
+    out = subprocess.run(
+        [sys.executable, BENCH / "demo_recipe.py", "--out", kept, "--append", "--merge", b],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode != 0 and "seeds" in out.stderr
+    assert json.loads(kept.read_text())["runs"] == result["runs"]  # nothing lost on the refusal
