@@ -183,9 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.append and not args.out:
         ap.error("--append needs --out")
-    variants = {} if args.merge and not args.variant else VARIANTS  # --merge alone: only join the files
+    variants = {} if args.variant or args.merge else VARIANTS  # --merge alone: only join the files
     if args.variant:
-        variants = {}
         for spec in args.variant:
             key, _, changes = spec.partition("=")
             if key.split(":")[0] not in ("lora", "dora") or ":" not in key:
@@ -207,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     judge = embedded_judge()
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    photos = judge.read([p.resize((size, size)) for p in subject_photos()])
+    photos = judge.read(subject_photos())  # the judge resizes to its 64 px itself
     result = {
         "what": "the demo's recipe with one choice changed; 'a photo of sks toy' judged",
         "seeds": [seeds.start, seeds.stop - 1],
