@@ -150,7 +150,7 @@ def test_the_subject_folder_counts_by_content_not_path(tmp_path):
 
 
 def test_sweep_cells_train_the_demos_loss_weighting(tmp_path, monkeypatch):
-    """A cell trains with min-SNR-5 as the demo does (and the weighting is part of what a finished cell is
+    """A cell trains with the demo's min-SNR-γ (2) (and the weighting is part of what a finished cell is
     matched on); `--snr-gamma 0` turns it off."""
     import dora_diffusion.train as train_module
     from dora_diffusion.cli_parser import build_parser
@@ -160,11 +160,11 @@ def test_sweep_cells_train_the_demos_loss_weighting(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda config: seen.append(config))
     cfg = _config(tmp_path)
     sweep._train_cell(cfg, "dora", 4, 0, tmp_path / "run", tmp_path / "class")
-    assert seen[0].snr_gamma == demo_config(tmp_path, "dora", 10).snr_gamma == 5.0
-    assert cfg.cell_settings()["snr_gamma"] == 5.0
+    assert seen[0].snr_gamma == demo_config(tmp_path, "dora", 10).snr_gamma == 2.0
+    assert cfg.cell_settings()["snr_gamma"] == 2.0
     assert _config(tmp_path, snr_gamma=None).cell_settings() != cfg.cell_settings()
     from collections import defaultdict
 
     parser = build_parser(defaultdict(lambda: lambda args: 0))
-    assert parser.parse_args(["sweep"]).snr_gamma == 5.0
+    assert parser.parse_args(["sweep"]).snr_gamma == 2.0
     assert parser.parse_args(["sweep", "--snr-gamma", "0"]).snr_gamma == 0.0
