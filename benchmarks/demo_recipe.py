@@ -59,6 +59,8 @@ VARIANTS: dict[str, dict] = {
     "dora:min-SNR-2, batch 4": {"snr_gamma": 2.0, "batch_size": 4},
     "dora:photos cropped closer, min-SNR-2, batch 4": {"data": "closer", "snr_gamma": 2.0, "batch_size": 4},
     "lora:photos cropped closer, min-SNR-2, batch 4": {"data": "closer", "snr_gamma": 2.0, "batch_size": 4},
+    "dora:photos framed 0.55, min-SNR-2, batch 4": {**DEMO, "framing": 0.55},
+    "lora:photos framed 0.55, min-SNR-2, batch 4": {**DEMO, "framing": 0.55},
     "dora:photos cropped closer, min-SNR-2, batch 4, training seed 1": {**DEMO, "seed": 1},
     "lora:photos cropped closer, min-SNR-2, batch 4, training seed 1": {**DEMO, "seed": 1},
 }
@@ -67,13 +69,14 @@ VARIANTS: dict[str, dict] = {
 def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge) -> dict:
     import torch
 
-    from dora_diffusion.demo import PROMPT, SAMPLE_DATA, demo_config, framed_photos
+    from dora_diffusion.demo import PROMPT, SAMPLE_DATA, SCENE_PROMPTS, demo_config, framed_photos
     from dora_diffusion.formats import load_adapter, unload_adapter
     from dora_diffusion.train import train
     from dora_diffusion.world.evaluate import contact_sheet, subject_presence, subject_renders
 
     method, name = key.split(":", 1)
     changes = dict(changes)
+    recorded = dict(changes)  # as asked (sampling and framing included)
     data = changes.pop("data", "photos")
     guidance = changes.pop("guidance", 5.0)  # sampling, not training: a list judges the one adapter at each
     guidances = [float(g) for g in guidance] if isinstance(guidance, list) else [float(guidance)]
@@ -84,18 +87,18 @@ def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge
         for i, im in enumerate(subject_renders(7)):
             im.save(folder / f"subject_{i:02d}.png")
     elif data == "closer":
-        folder = framed_photos(output / "closer_crops")
+        framing = changes.pop("framing", None)  # the robot's share of the crop's height (default demo.FRAMING)
+        folder = framed_photos(output / f"closer_crops{framing or ''}", **({"fraction": framing} if framing else {}))
     elif data != "photos":
         folder = Path(data)  # a folder of your own
         if not folder.is_dir():
             raise SystemExit(f"{key}: data {data!r} is not 'photos', 'world' or a folder")
     slug = "".join(c if c.isalnum() else "-" for c in f"{method}-{name}")
-    recorded = {"data": data, **changes}
+    recorded = {"data": data, **recorded}
     cfg = demo_config(output / slug, method, changes.pop("max_steps", 400), data=folder)
     fields = {"class_data": str(output / "class_images"), "report_to": "none"}
-    cfg = cfg.replace(
-        **{**fields, **FIRST_RECIPE, **changes}
-    )  # a variant may change class_data too (None: no prior preservation)
+    # a variant may change class_data too (None: no prior preservation)
+    cfg = cfg.replace(**{**fields, **FIRST_RECIPE, **changes})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # training as the demo trains (one thread on the tiny model)
     t = time.perf_counter()
@@ -110,15 +113,20 @@ def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge
         rows[g] = {k: row[k] for k in ("n", "subject", "robot", "teal_robot")}
         if g == guidances[0]:
             contact_sheet(images, 8, 2).save(output / f"{slug}.png")
+    scenes = {}  # the scene prompts: the subject, and the scene kept
+    for prompt, scene in SCENE_PROMPTS.items():
+        row, _ = subject_presence(pipe, judge, prompt, seeds, scene=scene, steps=20)
+        scenes[scene] = {"subject": row["subject"], "scene": row["scene"]}
     unload_adapter(pipe)
     out = {
         "method": method,
         "variant": name,
-        "changes": {**recorded, **({"guidance": guidance} if guidance != 5.0 else {})},
+        "changes": recorded,
         "train_seconds": train_seconds,
         "median_step_ms": result.median_step_seconds * 1000,
         **rows[guidances[0]],
     }
+    out["scenes"] = scenes
     if len(guidances) > 1:
         out["by_guidance"] = {str(g): r for g, r in rows.items()}
     return out
@@ -209,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.contended:
             r["contended"] = True
         rows.append(r)
-        print(f"{key:40s} subject {r['subject']:4.0%}  teal robot {r['teal_robot']:4.0%}", flush=True)
+        kept = "  ".join(f"{k} {v['scene']:4.0%}" for k, v in r["scenes"].items())
+        print(f"{key:40s} subject {r['subject']:4.0%}  teal robot {r['teal_robot']:4.0%}  {kept}", flush=True)
         if args.out:
             write_result(result, args.out, show=False)  # after each run: a crash keeps what was measured
     write_result(result, args.out)
