@@ -61,6 +61,10 @@ VARIANTS: dict[str, dict] = {
     "lora:photos cropped closer, min-SNR-2, batch 4": {"data": "closer", "snr_gamma": 2.0, "batch_size": 4},
     "dora:photos framed 0.55, min-SNR-2, batch 4": {**DEMO, "framing": 0.55},
     "lora:photos framed 0.55, min-SNR-2, batch 4": {**DEMO, "framing": 0.55},
+    "dora:photos framed 0.63, min-SNR-2, batch 4": {**DEMO, "framing": 0.63},
+    "lora:photos framed 0.63, min-SNR-2, batch 4": {**DEMO, "framing": 0.63},
+    "dora:photos cropped closer, min-SNR-2, batch 4, 300 steps": {**DEMO, "max_steps": 300},
+    "lora:photos cropped closer, min-SNR-2, batch 4, 300 steps": {**DEMO, "max_steps": 300},
     "dora:photos cropped closer, min-SNR-2, batch 4, training seed 1": {**DEMO, "seed": 1},
     "lora:photos cropped closer, min-SNR-2, batch 4, training seed 1": {**DEMO, "seed": 1},
 }
