@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "lora:photos framed 0.63, min-SNR-2, batch 4": {**DEMO, "framing": 0.63},
     "dora:photos cropped closer, min-SNR-2, batch 4, 300 steps": {**DEMO, "max_steps": 300},
     "lora:photos cropped closer, min-SNR-2, batch 4, 300 steps": {**DEMO, "max_steps": 300},
+    "dora:photos cropped closer, min-SNR-2, batch 4, 350 steps": {**DEMO, "max_steps": 350},
+    "lora:photos cropped closer, min-SNR-2, batch 4, 350 steps": {**DEMO, "max_steps": 350},
     "dora:photos cropped closer, min-SNR-2, batch 4, training seed 1": {**DEMO, "seed": 1},
     "lora:photos cropped closer, min-SNR-2, batch 4, training seed 1": {**DEMO, "seed": 1},
 }
