@@ -24,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # method:name -> changes to the demo's recipe ("data": "world" trains on the world-style renders, "closer" on
 # the photos cropped closer to the robot, any other "data" is a folder of pictures).
-FIRST_RECIPE = {"snr_gamma": 5.0, "batch_size": 1}  # what the variants change (and the photos as they are)
 DEMO = {"data": "closer", "snr_gamma": 2.0, "batch_size": 4}  # today's demo (demo.demo_config)
 G = [5.0, 7.5, 10.0]
 VARIANTS: dict[str, dict] = {
@@ -75,14 +74,22 @@ VARIANTS: dict[str, dict] = {
 def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge) -> dict:
     import torch
 
-    from dora_diffusion.demo import PROMPT, SAMPLE_DATA, SCENE_PROMPTS, demo_config, framed_photos
+    from dora_diffusion.demo import (
+        FIRST_RECIPE,
+        FRAMING,
+        PROMPT,
+        SAMPLE_DATA,
+        SCENE_PROMPTS,
+        demo_config,
+        framed_photos,
+    )
     from dora_diffusion.formats import load_adapter, unload_adapter
     from dora_diffusion.train import train
     from dora_diffusion.world.evaluate import contact_sheet, subject_presence, subject_renders
 
     method, name = key.split(":", 1)
     changes = dict(changes)
-    recorded = dict(changes)  # as asked (sampling and framing included)
+    recorded = {"data": "photos", **changes}  # as asked (sampling and framing included)
     data = changes.pop("data", "photos")
     guidance = changes.pop("guidance", 5.0)  # sampling, not training: a list judges the one adapter at each
     guidances = [float(g) for g in guidance] if isinstance(guidance, list) else [float(guidance)]
@@ -93,14 +100,13 @@ def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge
         for i, im in enumerate(subject_renders(7)):
             im.save(folder / f"subject_{i:02d}.png")
     elif data == "closer":
-        framing = changes.pop("framing", None)  # the robot's share of the crop's height (default demo.FRAMING)
-        folder = framed_photos(output / f"closer_crops{framing or ''}", **({"fraction": framing} if framing else {}))
+        framing = changes.pop("framing", FRAMING)  # the robot's share of the crop's height
+        folder = framed_photos(output / f"closer_crops-{framing}", fraction=framing)
     elif data != "photos":
         folder = Path(data)  # a folder of your own
         if not folder.is_dir():
             raise SystemExit(f"{key}: data {data!r} is not 'photos', 'world' or a folder")
     slug = "".join(c if c.isalnum() else "-" for c in f"{method}-{name}")
-    recorded = {"data": data, **recorded}
     cfg = demo_config(output / slug, method, changes.pop("max_steps", 400), data=folder)
     fields = {"class_data": str(output / "class_images"), "report_to": "none"}
     # a variant may change class_data too (None: no prior preservation)
@@ -131,8 +137,8 @@ def run_variant(output: Path, key: str, changes: dict, seeds: range, pipe, judge
         "train_seconds": train_seconds,
         "median_step_ms": result.median_step_seconds * 1000,
         **rows[guidances[0]],
+        "scenes": scenes,
     }
-    out["scenes"] = scenes
     if len(guidances) > 1:
         out["by_guidance"] = {str(g): r for g, r in rows.items()}
     return out

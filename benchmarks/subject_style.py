@@ -34,7 +34,7 @@ def _parts(judge, images) -> dict:
 
 
 def run(output: Path, methods: list[str], images: int, seeds: int, sources: list[str]) -> dict:
-    from dora_diffusion.demo import PROMPT, SAMPLE_DATA, SCENE_PROMPTS, demo_config
+    from dora_diffusion.demo import FIRST_RECIPE, PROMPT, SAMPLE_DATA, SCENE_PROMPTS, demo_config
     from dora_diffusion.formats import load_adapter, unload_adapter
     from dora_diffusion.models import embedded_judge, load_pipeline
     from dora_diffusion.train import train
@@ -60,8 +60,7 @@ def run(output: Path, methods: list[str], images: int, seeds: int, sources: list
         for method in methods:
             t = time.perf_counter()
             cfg = demo_config(output / source, method, 400)
-            first = {"snr_gamma": 5.0, "batch_size": 1}  # the first demo recipe, that the stored figures measured
-            train(cfg.replace(data=str(folders[source]), class_data=str(output / "class_images"), **first))
+            train(cfg.replace(data=str(folders[source]), class_data=str(output / "class_images"), **FIRST_RECIPE))
             row: dict = {"data": source, "train_seconds": time.perf_counter() - t}
             unload_adapter(pipe)
             load_adapter(pipe, output / source / method / "pytorch_lora_weights.safetensors")

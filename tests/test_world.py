@@ -286,6 +286,7 @@ def test_the_demo_frames_the_sample_photos_closer_and_refuses_a_picture_without_
 
     from dora_diffusion.config import ConfigError
     from dora_diffusion.demo import SAMPLE_DATA, framed_photos
+    from dora_diffusion.evaluation import square
 
     def teal_share(im: Image.Image) -> float:  # the robot's teal parts' share of the picture's height
         a = np.asarray(im.convert("RGB")).astype(int)
@@ -302,8 +303,7 @@ def test_the_demo_frames_the_sample_photos_closer_and_refuses_a_picture_without_
     for p in photos:
         im, orig = framed[p.stem], Image.open(p)
         assert im.width == im.height <= min(orig.size)  # square crops, never upscaled
-        before = teal_share(orig.crop(((orig.width - min(orig.size)) // 2, 0, orig.width, orig.height)))
-        closer += teal_share(im) > before + 0.1
+        closer += teal_share(im) > teal_share(square(orig)) + 0.1  # against the centre crop the demo used before
     assert closer >= 4  # the small robots now fill much more of the picture (the close-up cannot)
     bad = tmp_path / "bad"
     bad.mkdir()
